@@ -1,0 +1,224 @@
+"""The training config: one typed tree (`model`, `data`, `train`, `run`) over OmegaConf structured configs.
+
+Resolution order: the dataclass defaults, then the model preset named by `model.preset` (from
+`models.MODEL_PRESETS`), then the preset file (`trainer/configs/<name>.yaml` or a path), then the
+command line's dotted `key=value` overrides. Values are parsed as YAML (`model.encoder.channels=[8,16]`),
+list items are reached by index (`model.stages.1.loss=l2`). An unknown key fails with the valid keys
+of its section; a bad value fails at start-up with the field's name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models import MODEL_PRESETS, ModelConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+DEFAULT_CONFIG = "mnist"
+
+
+@dataclass
+class ModelSection(ModelConfig):
+    """The architecture schema from `models` plus the two keys that are not architecture."""
+    preset: str = "mnist_msvae"  # a key of models.MODEL_PRESETS: the base the other model keys override
+    sync_bn: bool = False  # SyncBatchNorm across ranks (GPU only: torch refuses it on CPU modules)
+
+    def architecture(self) -> ModelConfig:
+        d = dataclasses.asdict(self)
+        d.pop("preset"), d.pop("sync_bn")
+        return ModelConfig.from_dict(d)
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/mnist28"  # directory (or URL prefix) holding manifest.json and the tar shards
+    train_split: str = "train"
+    val_split: str = "test"
+    synthetic: bool = False  # deterministic synthetic stream: rank r takes its slice of one global batch
+    synthetic_size: int = 4096  # samples per synthetic "epoch"
+    auto_build: str = ""  # "mnist": build the shards from the packaged MNIST when manifest.json is missing
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    tolerant: bool = False  # skip (count and log) corrupt samples instead of failing, up to max_errors
+    max_errors: int = 10
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000  # optimizer steps
+    max_time: float = 0.0  # wall-clock seconds after which the run checkpoints and stops (0: no limit)
+    batch_size: int = 64  # per device, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])  # official code: beta1 = 0.5
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear warmup, then cosine decay to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1
+    clip_grad: float = 0.0  # max global grad norm (0: report the norm, never clip)
+    ema_decay: float = 0.999  # 0 disables the EMA (the export then uses the raw weights)
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 20  # held-out batches per rank per evaluation (0: the whole split)
+    ckpt_every: int = 500
+    keep_ckpts: int = 2
+    sample_every: int = 500
+    num_samples: int = 64  # images per sample grid
+    seed: int = 0
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = True
+    init_from: str = ""  # an export directory to start from (fine-tuning); ignored when resuming
+    max_bad_steps: int = 5  # abort after this many consecutive non-finite steps
+    export_weights: str = "ema"  # ema | raw: what the end-of-run export holds
+    # Test hook: "STEP:RANK" puts a NaN into that rank's batch from that step on.
+    inject_nan: str = ""
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""  # default: runs/<config name>; running the same command again resumes it
+    name: str = ""  # the config name (set from --config)
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        t = self.train
+        positive = ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every",
+                    "keep_ckpts", "sample_every", "max_bad_steps")
+        for name in positive:
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+        if not (t.lr > 0 and math.isfinite(t.lr)):
+            raise ValueError(f"train.lr: must be a positive number, got {t.lr}")
+        if not 0 <= t.ema_decay < 1:
+            raise ValueError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+        if t.export_weights not in ("ema", "raw"):
+            raise ValueError(f"train.export_weights: must be 'ema' or 'raw', got {t.export_weights!r}")
+        if t.export_weights == "ema" and t.ema_decay == 0:
+            raise ValueError("train.export_weights=ema needs train.ema_decay > 0; set export_weights=raw")
+        if len(t.betas) != 2:
+            raise ValueError(f"train.betas: need two values, got {t.betas}")
+        if self.data.auto_build not in ("", "mnist"):
+            raise ValueError(f"data.auto_build: must be '' or 'mnist', got {self.data.auto_build!r}")
+        if self.model.preset not in MODEL_PRESETS:
+            raise ValueError(f"model.preset: unknown preset {self.model.preset!r}; "
+                             f"allowed: {', '.join(MODEL_PRESETS)}")
+        self.model.architecture().validate()
+        return self
+
+
+def _find_config(name_or_path: str) -> tuple[str, str]:
+    if os.path.isfile(name_or_path):
+        return name_or_path, os.path.splitext(os.path.basename(name_or_path))[0]
+    path = os.path.join(CONFIG_DIR, f"{name_or_path}.yaml")
+    if not os.path.isfile(path):
+        presets = sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+        raise FileNotFoundError(f"--config {name_or_path!r} is neither a file nor a preset; presets: {', '.join(presets)}")
+    return path, name_or_path
+
+
+def _section_keys(node, prefix: str) -> list[str]:
+    keys = []
+    for k in node.keys():
+        keys.append(f"{prefix}.{k}" if prefix else str(k))
+    return keys
+
+
+def _check_key(cfg, dotted: str) -> None:
+    """Reject an unknown key, listing the valid keys of the deepest section that exists."""
+    parts = dotted.split(".")
+    node, prefix = cfg, ""
+    for part in parts[:-1]:
+        try:
+            child = node[int(part)] if OmegaConf.is_list(node) else node[part]
+        except (KeyError, IndexError, ValueError, OmegaConfBaseException):
+            break
+        if not OmegaConf.is_config(child):
+            break
+        node, prefix = child, f"{prefix}.{part}" if prefix else part
+    else:
+        last = parts[-1]
+        if OmegaConf.is_list(node):
+            if last.isdigit() and int(last) < len(node):
+                return
+            raise KeyError(f"unknown config key {dotted!r}: {prefix} has {len(node)} items (indices 0..{len(node) - 1})")
+        if last in node:
+            return
+    valid = ", ".join(_section_keys(node, prefix)) if not OmegaConf.is_list(node) else f"{prefix}.0..{len(node) - 1}"
+    raise KeyError(f"unknown config key {dotted!r}; valid keys under {prefix or 'the top level'}: {valid}")
+
+
+def _apply(cfg, items: list[tuple[str, object]], origin: str) -> None:
+    for key, value in items:
+        _check_key(cfg, key)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise ValueError(f"{origin}: bad value for {key}: {str(e).splitlines()[0]}") from None
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out += _flatten(v, key)
+        else:
+            out.append((key, v))
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    items = []
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"override {o!r} is not of the form key=value (e.g. train.max_steps=200)")
+        key, raw = o.split("=", 1)
+        items.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+    return items
+
+
+def load_config(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> Config:
+    """Build the validated `Config` from a preset name or YAML path plus dotted overrides."""
+    path, name = _find_config(config)
+    with open(path) as f:
+        file_items = _flatten(yaml.safe_load(f) or {})
+    cli_items = parse_overrides(overrides or [])
+    # model.preset decides the base the other model keys override, so it is resolved first.
+    preset = dict(file_items + cli_items).get("model.preset", ModelSection.preset)
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"model.preset: unknown preset {preset!r}; allowed: {', '.join(MODEL_PRESETS)}")
+    arch = MODEL_PRESETS[preset]()
+    base = Config(model=ModelSection(**{f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}, preset=preset))
+    cfg = OmegaConf.structured(base)
+    _apply(cfg, file_items, path)
+    _apply(cfg, cli_items, "command line")
+    out: Config = OmegaConf.to_object(cfg)
+    out.run.name = out.run.name or name
+    out.run.dir = out.run.dir or os.path.join("runs", out.run.name)
+    return out.validate()
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_file(path: str) -> Config:
+    """Read a resolved config.yaml written into a run directory."""
+    with open(path) as f:
+        d = yaml.safe_load(f)
+    cfg = OmegaConf.structured(Config)
+    _apply(cfg, _flatten({k: v for k, v in d.items()}), path)
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,98 @@
+"""The trainer's data: the WebDataset shard stream per rank, or a deterministic synthetic stream.
+
+Both yield `{"image": uint8 (B, C, H, W)}` one epoch per `iter()`, have equal batch counts on every
+rank, and expose `state_dict()` / `load_state_dict()` (plain JSON) for exact resume. Normalisation to
+[-1, 1] happens on the device (`to_model_input`), never in the workers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import Config
+
+
+class SyntheticStream:
+    """Deterministic smooth random images. Global batch i of epoch e is a pure function of
+    (seed, e, i), and rank r takes rows [r*B, (r+1)*B), so a 2-process run sees exactly the samples
+    of a 1-process run with twice the batch: what the DDP parity test and the benchmarks need."""
+
+    def __init__(self, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 image_size: int = 28, channels: int = 1, size: int = 4096):
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.image_size, self.channels = image_size, channels
+        self.batches = size // (batch_size * world_size)
+        if self.batches < 1:
+            raise ValueError(f"data.synthetic_size={size} is smaller than one global batch "
+                             f"({batch_size} x {world_size} ranks)")
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def global_batch(self, epoch: int, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63)
+        n, s = self.batch_size * self.world_size, max(2, self.image_size // 4)
+        low = torch.rand(n, self.channels, s, s, generator=g)  # (N, C, s, s) coarse structure
+        x = torch.nn.functional.interpolate(low, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+    def __iter__(self):
+        while self.position < self.batches:
+            x = self.global_batch(self.epoch, self.position)
+            self.position += 1
+            yield {"image": x[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]}
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"kind": "synthetic", "epoch": self.epoch, "position": self.position,
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["world_size"], state["batch_size"]) != (self.world_size, self.batch_size):
+            raise ValueError(f"synthetic stream position was saved with world_size={state['world_size']}, "
+                             f"batch_size={state['batch_size']}; now {self.world_size}, {self.batch_size}")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def ensure_shards(cfg: Config, is_main: bool) -> None:
+    """Build the default MNIST shards on the main process when they are missing (`data.auto_build`)."""
+    if cfg.data.synthetic or "://" in cfg.data.shards or cfg.data.shards.startswith("pipe:"):
+        return
+    manifest = os.path.join(cfg.data.shards, "manifest.json")
+    if os.path.exists(manifest):
+        return
+    if cfg.data.auto_build != "mnist":
+        raise FileNotFoundError(f"{manifest} not found: write shards first (python -m shards.write ...) "
+                                f"and point data.shards at them, or use data.synthetic=true")
+    if is_main:
+        from shards.write import write_mnist
+        print(f"[nstage-vae] {cfg.data.shards} is missing: building MNIST shards from the packaged data", flush=True)
+        write_mnist(cfg.data.shards, size=cfg.model.image_size)
+
+
+def build_stream(cfg: Config, split: str, rank: int, world_size: int, *, train: bool):
+    if cfg.data.synthetic:
+        return SyntheticStream(cfg.train.batch_size, rank=rank, world_size=world_size,
+                               seed=cfg.train.seed + (0 if train else 7919), image_size=cfg.model.image_size,
+                               channels=cfg.model.channels, size=cfg.data.synthetic_size)
+    from shards.stream import ShardStream
+    stream = ShardStream(cfg.data.shards, split, cfg.train.batch_size, rank=rank, world_size=world_size,
+                         num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer if train else 0,
+                         tolerant=cfg.data.tolerant, max_errors=cfg.data.max_errors)
+    image = stream.manifest["image"] if hasattr(stream, "manifest") else None
+    if image and (image.get("size"), image.get("channels")) != (cfg.model.image_size, cfg.model.channels):
+        raise ValueError(f"{cfg.data.shards} holds {image.get('size')} px, {image.get('channels')}-channel images "
+                         f"but the model expects model.image_size={cfg.model.image_size}, "
+                         f"model.channels={cfg.model.channels}; rebuild the shards or change the model")
+    return stream
+
+
+def to_model_input(batch: dict, device, dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float in [-1, 1] on the device; the one place data is normalised."""
+    x = batch["image"].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if dtype is not None:
+        x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
