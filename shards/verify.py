@@ -75,8 +75,9 @@ def check_shard(args: tuple) -> list[str]:
                 if suffix != ext:
                     continue
                 has_image = True
+                data = tf.extractfile(m).read()  # a truncated tar fails here, reported below
                 try:
-                    img = Image.open(io.BytesIO(tf.extractfile(m).read()))
+                    img = Image.open(io.BytesIO(data))
                     img.load()
                 except Exception as exc:
                     problems.append(f"{name}: {base} does not decode ({type(exc).__name__}: {exc})")
