@@ -98,9 +98,8 @@ def raw_state_from_checkpoint(ckpt: str) -> dict[str, torch.Tensor]:
     ds_dirs = [d for d in os.listdir(ckpt) if d.startswith("pytorch_model") and os.path.isdir(os.path.join(ckpt, d))]
     if ds_dirs:  # DeepSpeed: consolidate the ZeRO shards into full fp32 weights
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        ds_root = os.path.join(ckpt, ds_dirs[0])
-        tags = [d for d in os.listdir(ds_root) if os.path.isdir(os.path.join(ds_root, d))]
-        state = get_fp32_state_dict_from_zero_checkpoint(ds_root, tag=tags[0] if len(tags) == 1 else None)
+        # accelerate saves the engine with tag "pytorch_model" inside the checkpoint folder
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt, tag=ds_dirs[0])
         return {k: v for k, v in state.items()}
     raise FileNotFoundError(f"{ckpt} holds neither model.safetensors nor a DeepSpeed pytorch_model folder")
 
