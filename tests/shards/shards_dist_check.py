@@ -1,6 +1,6 @@
-"""Run by test_stream.py under torchrun: each rank streams the train split with 2 workers and reports.
+"""Run by test_shards_stream.py under torchrun: each rank streams the train split with 2 workers and reports.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/shards/dist_stream_check.py SHARDS OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/shards/shards_dist_check.py SHARDS OUT
 """
 
 import json

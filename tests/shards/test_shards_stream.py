@@ -49,7 +49,7 @@ def test_ranks_cover_the_split_once_with_equal_batches(celeba_shards, shard_keys
 def test_real_two_ranks_two_workers(celeba_shards, shard_keys, tmp_path):
     """Two real processes (gloo), two DataLoader workers each, over uneven shards (7 x 6 + 5)."""
     out = tmp_path / "report.json"
-    script = Path(__file__).with_name("dist_stream_check.py")
+    script = Path(__file__).with_name("shards_dist_check.py")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(script), str(celeba_shards), str(out)], capture_output=True, text=True, timeout=300,
                        cwd=Path(stream_mod.__file__).parents[1])
