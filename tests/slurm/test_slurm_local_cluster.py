@@ -1,7 +1,7 @@
 """The local cluster is real: two nodes, a 2-node job spans both, and gloo all-reduces across them.
 
     bash slurm/local_cluster.sh start   # as root, once
-    pytest -m slurm tests/slurm/test_local_cluster.py
+    pytest -m slurm tests/slurm/test_slurm_local_cluster.py
 """
 
 from __future__ import annotations

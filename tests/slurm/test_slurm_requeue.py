@@ -5,7 +5,7 @@ protocol under a real `accelerate launch` with real gloo ranks), so this checks 
 the launcher's signal handling and the requeue decision, not training itself.
 
     bash slurm/local_cluster.sh start   # as root, once
-    pytest -m slurm tests/slurm/test_requeue_slurm.py
+    pytest -m slurm tests/slurm/test_slurm_requeue.py
 """
 
 from __future__ import annotations

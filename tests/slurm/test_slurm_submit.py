@@ -1,7 +1,7 @@
 """slurm.submit and slurm/train.sbatch without a cluster: render, `bash -n`, and run the rendered script
 with stand-ins for srun/scontrol/accelerate on PATH, to check the arguments each node's launcher gets.
 
-    pytest tests/slurm/test_submit.py
+    pytest tests/slurm/test_slurm_submit.py
 """
 
 from __future__ import annotations
