@@ -157,8 +157,9 @@ def run_info(accelerator, cfg: Config) -> dict:
     import importlib.metadata as md
 
     hosts = [None] * accelerator.num_processes
+    # node: SLURM's node name, which tells apart nodes that share one host (slurmd -N, the tests' cluster)
     mine = {"rank": accelerator.process_index, "host": socket.gethostname(),
-            "local_rank": accelerator.local_process_index}
+            "node": os.environ.get("SLURMD_NODENAME"), "local_rank": accelerator.local_process_index}
     if dist.is_available() and dist.is_initialized():
         dist.all_gather_object(hosts, mine)
     else:
