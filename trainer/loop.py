@@ -52,6 +52,15 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
             ema[k].copy_(v)
 
 
+def full_params(model: torch.nn.Module, is_ds: bool):
+    """Under ZeRO-3 each rank holds a slice of every parameter: gather them for the EMA (costly, but
+    the EMA is what gets exported). Elsewhere a no-op."""
+    if is_ds and any(hasattr(p, "ds_id") for p in model.parameters()):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
 def init_ema(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix("_orig_mod."): v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
             for k, v in model.state_dict().items()}
@@ -259,18 +268,18 @@ def train(cfg: Config) -> int:
 
     step = updates = bad_streak = 0
     if resume_state is not None:
+        saved_world = resume_state["world_size"]
+        if is_ds and saved_world != world:  # before load_state, which fails with DeepSpeed's own error
+            raise RuntimeError(f"checkpoint {resume_path} was written by {saved_world} DeepSpeed ranks; "
+                               f"resume it with {saved_world} processes (ZeRO shards are per rank)")
         accelerator.load_state(resume_path)
         step, updates = resume_state["step"], resume_state["updates"]
         bad_streak = resume_state.get("bad_streak", 0)
         if ema is not None:
             ema = {k: v.to(ema[k].dtype) for k, v in ckpt_lib.load_ema(resume_path).items()}
-        saved_world = resume_state["world_size"]
         if saved_world == world:
             train_stream.load_state_dict(ckpt_lib.read_json(os.path.join(resume_path, f"data_rank{rank}.json")))
         else:
-            if is_ds:
-                raise RuntimeError(f"checkpoint {resume_path} was written by {saved_world} DeepSpeed ranks; "
-                                   f"resume it with {saved_world} processes (ZeRO shards are per rank)")
             # Model, optimizer and EMA are whole on every rank under DDP; the data position is
             # re-derived: the interrupted epoch's rest is skipped and the next epoch starts.
             epoch = ckpt_lib.read_json(os.path.join(resume_path, "data_rank0.json"))["epoch"]
@@ -351,7 +360,8 @@ def train(cfg: Config) -> int:
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: neither LR nor EMA advance
                 updates += 1
                 if ema is not None:
-                    ema_update(ema, accelerator.unwrap_model(model), cfg.train.ema_decay, updates)
+                    with full_params(model, is_ds):
+                        ema_update(ema, accelerator.unwrap_model(model), cfg.train.ema_decay, updates)
         if is_ds:
             gn = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
             grad_norm = float(gn) if gn is not None else float("nan")
