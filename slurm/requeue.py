@@ -2,7 +2,7 @@
 
 The batch script runs this as its last command (stdlib only, so it needs no installed package):
 
-    python slurm/requeue.py --run-dir runs/celeba64 --step-status 0
+    python slurm/requeue.py --run-dir runs/celeba128 --step-status 0
 
 - state "preempted" (every rank committed a checkpoint after STOP / SIGTERM / SIGUSR1):
   `scontrol requeue <job id>`, exit 0. The requeued job resumes from that checkpoint.

@@ -1,17 +1,21 @@
 """Render slurm/train.sbatch for a run and submit it with sbatch.
 
     # one node, 8 GPUs (DDP); prints the job id
-    python -m slurm.submit --config celeba64 --nodes 1 --gpus-per-node 8 --time 24:00:00 --partition gpu
+    python -m slurm.submit --config celeba128 --nodes 1 --gpus-per-node 8 --time 24:00:00 --partition gpu
     # 4 nodes x 8 GPUs with DeepSpeed ZeRO-2 (trainer/accelerate/zero2.yaml), with config overrides
     python -m slurm.submit --config celeba128 train.lr=2e-4 --nodes 4 --gpus-per-node 8 --accelerate-config zero2
     # CPU variant: 2 processes per node, no GPUs (clusters without GPUs, the tests)
-    python -m slurm.submit --config tiny train.max_steps=20 --nodes 1 --gpus-per-node 0 --procs-per-node 2
+    python -m slurm.submit --config mnist train.max_steps=20 --nodes 1 --gpus-per-node 0 --procs-per-node 2
     # print the rendered batch script instead of submitting it
-    python -m slurm.submit --config celeba64 --nodes 2 --gpus-per-node 8 --dry-run
+    python -m slurm.submit --config celeba128 --nodes 2 --gpus-per-node 8 --dry-run
 
 The run directory is `run.dir` when given, else runs/<config name>; it is made absolute and always
 passed to the trainer as run.dir=..., so the job, its requeues and a later resubmission share it.
 The SLURM log goes to <run.dir>/slurm-<job id>.out and the rendered script to <run.dir>/train.sbatch.
+A DeepSpeed accelerate config names its JSON (deepspeed_config_file) by a path that accelerate resolves
+in the directory the job runs in; the packaged ones (trainer/accelerate/zero*.yaml) name it relative to
+the repository root. The script passes that JSON to `accelerate launch --deepspeed_config_file` as an
+absolute path, so a job submitted from any directory finds it.
 User values reach the script only shell-quoted (shlex.quote) or after validation, and sbatch is run
 with an argument list, never through a shell.
 """
@@ -28,11 +32,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).resolve().parent / "train.sbatch"
 ACCELERATE_CONFIGS = REPO / "trainer" / "accelerate"
 
-_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=.*", re.DOTALL)
+# dotted key (list items by index: model.stages.1.loss) = any value
+_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*=.*", re.DOTALL)
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
 # minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
@@ -107,7 +114,7 @@ class Job:
 
     @property
     def config_name(self) -> str:
-        """`tiny` for a preset name, the file stem for a config path (configs/foo.yaml -> foo)."""
+        """`mnist` for a preset name, the file stem for a config path (configs/foo.yaml -> foo)."""
         c = self.config
         return Path(c).stem if ("/" in c or c.endswith((".yaml", ".yml"))) else c
 
@@ -136,6 +143,30 @@ class Job:
         return path
 
 
+def deepspeed_config_file(accelerate_config: Path, workdir: Path) -> Path | None:
+    """The DeepSpeed JSON that an accelerate YAML names (deepspeed_config.deepspeed_config_file), absolute.
+
+    A relative path is looked up where accelerate itself would look, the job's working directory, then
+    in the repository root, which the packaged trainer/accelerate/zero*.yaml are written against.
+    None when the YAML names no such file (DDP, or DeepSpeed settings inline in the YAML).
+    """
+    try:
+        settings = yaml.safe_load(accelerate_config.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SubmitError(f"cannot read accelerate config {accelerate_config}: {e}") from None
+    ds = settings.get("deepspeed_config") if isinstance(settings, dict) else None
+    name = ds.get("deepspeed_config_file") if isinstance(ds, dict) else None
+    if not name:
+        return None
+    path = Path(str(name))
+    candidates = [path] if path.is_absolute() else [workdir / path, REPO / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise SubmitError(f"{accelerate_config} names deepspeed_config_file {str(name)!r}, which is not at "
+                      f"{' or '.join(str(c) for c in candidates)}; fix that path in the YAML (an absolute path is safest)")
+
+
 def _check_header_path(path: Path, what: str) -> None:
     if not _HEADER_PATH.fullmatch(str(path)):
         raise SubmitError(
@@ -158,6 +189,7 @@ def render(job: Job, template: str | None = None) -> str:
     template = TEMPLATE.read_text() if template is None else template
     q = shlex.quote
     accel_config = job.accelerate_config_path()
+    ds_config = deepspeed_config_file(accel_config, job.workdir) if accel_config else None
 
     def opt_line(option: str, value) -> str:
         return f"#SBATCH --{option}={value}" if value else f"# (no --{option}: the cluster's default)"
@@ -177,6 +209,7 @@ def render(job: Job, template: str | None = None) -> str:
         "procs_per_node": str(job.procs_per_node),
         "use_cpu": "0" if job.gpus_per_node else "1",
         "accelerate_config": q(str(accel_config)) if accel_config else "''",
+        "deepspeed_config_file": q(str(ds_config)) if ds_config else "''",
         "accelerate": q(_accelerate_executable()),
         "python": q(sys.executable),
         "train_script": q(str(REPO / "trainer" / "run.py")),

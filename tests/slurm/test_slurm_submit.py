@@ -85,14 +85,14 @@ def opt(argv: list[str], name: str) -> str:
 
 
 def test_one_node_cpu_two_procs(tmp_path, stubs):
-    job = Job(config="tiny", overrides=["train.max_steps=20"], nodes=1, gpus_per_node=0, procs_per_node=2,
+    job = Job(config="mnist", overrides=["train.max_steps=20"], nodes=1, gpus_per_node=0, procs_per_node=2,
               workdir=tmp_path)
     text = render(job)
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
     assert "#SBATCH --nodes=1\n" in text
     assert not [line for line in text.splitlines() if line.startswith("#SBATCH --gpu")]
     assert "#SBATCH --cpus-per-task=2\n" in text
-    assert f"#SBATCH --output={tmp_path}/runs/tiny/slurm-%j.out\n" in text
+    assert f"#SBATCH --output={tmp_path}/runs/mnist/slurm-%j.out\n" in text
 
     done, launches, log = run_rendered(tmp_path, job, 1, {"state": "finished", "step": 20})
     assert done.returncode == 0, done.stdout + done.stderr
@@ -108,14 +108,14 @@ def test_one_node_cpu_two_procs(tmp_path, stubs):
     assert "--config_file" not in argv
     assert launch["use_cpu"] == "1"
     script_at = argv.index(str(REPO / "trainer" / "run.py"))
-    assert argv[script_at + 1:] == ["--config", "tiny", "train.max_steps=20", f"run.dir={tmp_path}/runs/tiny"]
+    assert argv[script_at + 1:] == ["--config", "mnist", "train.max_steps=20", f"run.dir={tmp_path}/runs/mnist"]
     assert "requeue" not in log
 
 
 def test_two_nodes_eight_gpus_deepspeed(tmp_path, stubs):
     zero2 = tmp_path / "zero2.yaml"
     zero2.write_text("distributed_type: DEEPSPEED\n")
-    job = Job(config="celeba64", nodes=2, gpus_per_node=8, partition="gpu", account="proj1",
+    job = Job(config="celeba128", nodes=2, gpus_per_node=8, partition="gpu", account="proj1",
               accelerate_config=str(zero2), workdir=tmp_path)
     text = render(job)
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
@@ -139,8 +139,64 @@ def test_two_nodes_eight_gpus_deepspeed(tmp_path, stubs):
         assert launch["use_cpu"] is None
 
 
+def test_deepspeed_json_is_absolute_when_submitted_outside_the_repo(tmp_path, stubs):
+    # trainer/accelerate/zero2.yaml names trainer/accelerate/zero2.json relative to the repository root,
+    # and the job runs in the submission directory (here tmp_path, outside the repository)
+    done = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--config", "celeba128", "--nodes", "2", "--gpus-per-node", "8",
+         "--accelerate-config", "zero2", "--dry-run"],
+        cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    subprocess.run(["bash", "-n"], input=done.stdout, text=True, check=True)
+    assert f"#SBATCH --chdir={tmp_path}\n" in done.stdout
+    assert f"ACCELERATE_CONFIG={REPO}/trainer/accelerate/zero2.yaml\n" in done.stdout
+    assert f"DEEPSPEED_CONFIG_FILE={REPO}/trainer/accelerate/zero2.json\n" in done.stdout
+
+    job = Job(config="celeba128", nodes=2, gpus_per_node=8, accelerate_config="zero2", workdir=tmp_path)
+    done, launches, _ = run_rendered(tmp_path, job, 2, {"state": "finished", "step": 5})
+    assert done.returncode == 0, done.stdout + done.stderr
+    for launch in launches:
+        assert opt(launch["argv"], "--config_file") == str(REPO / "trainer" / "accelerate" / "zero2.yaml")
+        assert opt(launch["argv"], "--deepspeed_config_file") == str(REPO / "trainer" / "accelerate" / "zero2.json")
+
+
+def test_deepspeed_json_relative_to_the_submission_directory_wins(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "mine.json").write_text("{}")
+    (tmp_path / "mine.yaml").write_text("distributed_type: DEEPSPEED\n"
+                                        "deepspeed_config:\n  deepspeed_config_file: ds/mine.json\n")
+    job = Job(config="celeba128", gpus_per_node=8, accelerate_config="mine.yaml", workdir=tmp_path)
+    assert f"DEEPSPEED_CONFIG_FILE={tmp_path}/ds/mine.json\n" in render(job)
+
+    (tmp_path / "ds" / "mine.json").unlink()
+    with pytest.raises(SubmitError, match="ds/mine.json"):
+        render(job)
+
+
+@pytest.mark.slow
+def test_real_launcher_gets_the_absolute_deepspeed_json(tmp_path, stubs, monkeypatch):
+    # the real `accelerate launch` with trainer/accelerate/zero2.yaml, run from outside the repository:
+    # the worker must see a DeepSpeed JSON path it can open (the YAML's relative path would not resolve)
+    probe = _exe(tmp_path / "probe.py", "import json, os, pathlib, sys\n"
+                 "path = os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']\n"
+                 "json.loads(pathlib.Path(path).read_text())\n"
+                 "run_dir = pathlib.Path(sys.argv[-1].split('=', 1)[1])\n"
+                 "(run_dir / 'ds_config_seen').write_text(path)\n"
+                 "(run_dir / 'status.json').write_text(json.dumps({'state': 'finished', 'step': 0}))\n")
+    real = str(Path(sys.executable).parent / "accelerate")
+    monkeypatch.setattr(submit, "_accelerate_executable", lambda: real)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)  # what #SBATCH --chdir does for the batch shell
+    job = Job(config="mnist", nodes=1, gpus_per_node=0, procs_per_node=1, accelerate_config="zero2", workdir=work)
+    done, _, _ = run_rendered(work, job, 1, None, extra_env={"NSTAGE_TRAIN_SCRIPT": str(probe)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (job.run_dir / "ds_config_seen").read_text() == str(REPO / "trainer" / "accelerate" / "zero2.json")
+
+
 def test_two_nodes_ddp_uses_multi_gpu(tmp_path, stubs):
-    job = Job(config="celeba64", nodes=2, gpus_per_node=8, workdir=tmp_path)
+    job = Job(config="celeba128", nodes=2, gpus_per_node=8, workdir=tmp_path)
     done, launches, _ = run_rendered(tmp_path, job, 2, {"state": "finished", "step": 5})
     assert done.returncode == 0, done.stderr
     assert all("--multi_gpu" in x["argv"] for x in launches)
@@ -148,7 +204,7 @@ def test_two_nodes_ddp_uses_multi_gpu(tmp_path, stubs):
 
 def test_dry_run_cli_two_nodes_eight_gpus(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "slurm.submit", "--config", "celeba64", "train.lr=2e-4", "--nodes", "2",
+        [sys.executable, "-m", "slurm.submit", "--config", "celeba128", "train.lr=2e-4", "--nodes", "2",
          "--gpus-per-node", "8", "--time", "2-00:00:00", "--dry-run"],
         cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60,
     )
@@ -162,7 +218,7 @@ def test_dry_run_cli_two_nodes_eight_gpus(tmp_path):
     assert '--num_machines "$SLURM_NNODES" --num_processes "$NUM_PROCESSES"' in text
     assert 'MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
     assert "--machine_rank \"$SLURM_NODEID\"" in text
-    assert f"TRAIN_ARGS=(--config celeba64 train.lr=2e-4 run.dir={tmp_path}/runs/celeba64)" in text
+    assert f"TRAIN_ARGS=(--config celeba128 train.lr=2e-4 run.dir={tmp_path}/runs/celeba128)" in text
     assert not (tmp_path / "runs").exists(), "--dry-run must not create the run directory"
 
 
@@ -177,7 +233,7 @@ def test_user_values_reach_the_trainer_verbatim(tmp_path, stubs):
 
 
 def test_preempted_requeues_finished_does_not_failed_fails(tmp_path, stubs):
-    job = Job(config="tiny", nodes=1, gpus_per_node=0, procs_per_node=2, workdir=tmp_path)
+    job = Job(config="mnist", nodes=1, gpus_per_node=0, procs_per_node=2, workdir=tmp_path)
 
     done, _, log = run_rendered(tmp_path, job, 1, {"state": "preempted", "step": 7})
     assert done.returncode == 0, done.stderr
@@ -196,7 +252,7 @@ def test_preempted_requeues_finished_does_not_failed_fails(tmp_path, stubs):
 
 
 def test_stale_status_from_an_earlier_run_is_ignored(tmp_path, stubs):
-    job = Job(config="tiny", nodes=1, gpus_per_node=0, procs_per_node=2, workdir=tmp_path)
+    job = Job(config="mnist", nodes=1, gpus_per_node=0, procs_per_node=2, workdir=tmp_path)
     job.run_dir.mkdir(parents=True)
     (job.run_dir / "status.json").write_text(json.dumps({"state": "preempted", "step": 3}))
     (job.run_dir / "STOP").write_text("")
@@ -206,6 +262,12 @@ def test_stale_status_from_an_earlier_run_is_ignored(tmp_path, stubs):
     assert not (job.run_dir / "STOP").exists()
 
 
+def test_list_items_by_index_are_overrides(tmp_path):
+    job = Job(config="mnist", overrides=["model.stages.1.loss=l2", "model.encoder.channels=[8,16]"],
+              gpus_per_node=8, workdir=tmp_path)
+    assert job.train_args[2:4] == ["model.stages.1.loss=l2", "model.encoder.channels=[8,16]"]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(gpus_per_node=0), "--procs-per-node"),
     (dict(gpus_per_node=8, procs_per_node=4), "one process per GPU"),
@@ -213,23 +275,24 @@ def test_stale_status_from_an_earlier_run_is_ignored(tmp_path, stubs):
     (dict(gpus_per_node=8, time="1 day"), "--time"),
     (dict(gpus_per_node=8, partition="gpu; rm -rf /"), "--partition"),
     (dict(gpus_per_node=8, overrides=["--lr 3"]), "key=value"),
+    (dict(gpus_per_node=8, overrides=["model.0stages=1"]), "key=value"),
     (dict(gpus_per_node=8, overrides=["run.dir=/tmp/has space"]), "run.dir"),
     (dict(gpus_per_node=8, overrides=["run.dir=/tmp/run%j"]), "run.dir"),
     (dict(gpus_per_node=8, warn_seconds=0), "--warn-seconds"),
 ])
 def test_bad_settings_fail_with_a_message(tmp_path, kwargs, message):
     with pytest.raises(SubmitError, match=message.replace("-", r"\-").replace("%", r"\%")):
-        Job(config="tiny", workdir=tmp_path, **kwargs)
+        Job(config="mnist", workdir=tmp_path, **kwargs)
 
 
 def test_missing_accelerate_config_names_the_choices(tmp_path):
-    job = Job(config="tiny", gpus_per_node=8, accelerate_config="no_such_config", workdir=tmp_path)
+    job = Job(config="mnist", gpus_per_node=8, accelerate_config="no_such_config", workdir=tmp_path)
     with pytest.raises(SubmitError, match="no_such_config"):
         render(job)
 
 
 def test_cli_error_exit_code(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "slurm.submit", "--config", "tiny", "--gpus-per-node", "0",
+    done = subprocess.run([sys.executable, "-m", "slurm.submit", "--config", "mnist", "--gpus-per-node", "0",
                            "--dry-run"], cwd=tmp_path, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
     assert done.returncode == 2
