@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -180,13 +181,18 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?$")
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
     items = []
     for o in overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} is not of the form key=value (e.g. train.max_steps=200)")
         key, raw = o.split("=", 1)
-        items.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+        # YAML 1.1 reads 3:1 as the base-60 integer 181: keep such values as text (train.inject_nan=STEP:RANK).
+        value = raw if raw == "" or _SEXAGESIMAL.match(raw) else yaml.safe_load(raw)
+        items.append((key.strip(), value))
     return items
 
 
