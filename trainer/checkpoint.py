@@ -87,6 +87,10 @@ def save_checkpoint(accelerator, run_dir: str, step: int, *, trainer_state: dict
     root = checkpoint_dir(run_dir)
     final = os.path.join(root, f"step-{step:07d}")
     tmp = os.path.join(root, f".tmp-step-{step:07d}")
+    if os.path.isfile(os.path.join(final, MARKER)):
+        # Resumed at this very step (a rerun after the end): nothing changed since that commit, and
+        # deleting it before a replacement is committed could leave no checkpoint at all.
+        return final
     if accelerator.is_main_process:
         os.makedirs(root, exist_ok=True)
         for stale in (tmp, final):  # a half-written or uncommitted folder from a killed save
