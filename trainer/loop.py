@@ -346,8 +346,11 @@ def train(cfg: Config) -> int:
             optimizer.zero_grad(set_to_none=True)
             bad_streak += 1
             if bad_streak >= cfg.train.max_bad_steps:
-                which = [k for k, v in terms_sum.items() if not math.isfinite(v)] or ["grad_norm"]
-                log.write({"step": step, "skipped": True, **terms_sum})
+                # Reduced (NaN on any rank stays NaN), so every rank names the term that broke, not the
+                # NaN gradient that the all-reduce brought to the healthy ranks.
+                terms_all = mean_over_ranks(terms_sum, device)
+                which = [k for k, v in terms_all.items() if not math.isfinite(v)] or ["grad_norm"]
+                log.write({"step": step, "skipped": True, **terms_all})
                 msg = (f"aborting at step {step}: {bad_streak} non-finite steps in a row "
                        f"(train.max_bad_steps={cfg.train.max_bad_steps}); non-finite on some rank: {', '.join(which)}")
                 if accelerator.is_main_process:
