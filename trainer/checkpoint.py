@@ -137,6 +137,11 @@ def _retain(run_dir: str, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def is_deepspeed_checkpoint(path: str) -> bool:
+    """DeepSpeed's engine writes its ZeRO shards into a `pytorch_model*` folder; plain accelerate writes files."""
+    return any(d.startswith("pytorch_model") and os.path.isdir(os.path.join(path, d)) for d in os.listdir(path))
+
+
 def load_ema(path: str) -> dict[str, torch.Tensor] | None:
     from safetensors.torch import load_file
     f = os.path.join(path, "ema.safetensors")

@@ -269,6 +269,11 @@ def train(cfg: Config) -> int:
     step = updates = bad_streak = 0
     if resume_state is not None:
         saved_world = resume_state["world_size"]
+        if ckpt_lib.is_deepspeed_checkpoint(resume_path) != is_ds:  # else load_state fails on a missing file
+            kind = "under DeepSpeed" if not is_ds else "without DeepSpeed"
+            raise RuntimeError(f"checkpoint {resume_path} was written {kind}; resume it with the accelerate "
+                               f"config it was written with, or export its weights (python -m trainer.export "
+                               f"{run_dir} --weights raw --out DIR) and start a new run with train.init_from=DIR")
         if is_ds and saved_world != world:  # before load_state, which fails with DeepSpeed's own error
             raise RuntimeError(f"checkpoint {resume_path} was written by {saved_world} DeepSpeed ranks; "
                                f"resume it with {saved_world} processes (ZeRO shards are per rank)")
