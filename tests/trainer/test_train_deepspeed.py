@@ -89,3 +89,13 @@ def test_zero2_checkpoint_with_another_process_count_stops_with_a_clear_message(
                 procs=1)
     assert run.rc != 0
     assert "was written by 2 DeepSpeed ranks; resume it with 2 processes" in run.log
+
+
+def test_zero2_checkpoint_resumed_without_deepspeed_stops_with_a_clear_message(zero2, tmp_path):
+    _, _, snapshot = zero2
+    assert snapshot is not None, "the first ZeRO-2 launch did not stop cleanly"
+    run_dir = copy_run(snapshot, tmp_path / "run", keep_ckpt=checkpoints(snapshot)[0])
+    run = train(run_dir, *ARGS, procs=2, timeout=300)  # the same processes, plain DDP
+    assert run.rc != 0
+    assert "was written under DeepSpeed; resume it with the accelerate config it was written with" in run.log
+    assert "python -m trainer.export" in run.log and "train.init_from" in run.log
