@@ -90,6 +90,15 @@ def build_stream(cfg: Config, split: str, rank: int, world_size: int, *, train: 
     return stream
 
 
+def restore_stream(stream, state: dict) -> None:
+    """Load a saved position. A checkpoint taken right after an epoch's last batch holds (epoch e, every
+    batch consumed), which ShardStream refuses as outside the epoch: that position is the start of e + 1."""
+    if "batches" in state and state["batches"] == len(stream):
+        stream.epoch = state["epoch"] + 1
+        return
+    stream.load_state_dict(state)
+
+
 def to_model_input(batch: dict, device, dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float in [-1, 1] on the device; the one place data is normalised."""
     x = batch["image"].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
