@@ -107,6 +107,9 @@ def save_checkpoint(accelerator, run_dir: str, step: int, *, trainer_state: dict
             f.write(config_yaml)
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
+    # Every rank has finished writing before any node walks the folder to fsync it: the folder may be
+    # shared between nodes, and a rank's write_json renames its temporary file away during the walk.
+    accelerator.wait_for_everyone()
     if accelerator.is_local_main_process or accelerator.is_main_process:
         fsync_tree(tmp)
     accelerator.wait_for_everyone()
