@@ -174,3 +174,18 @@ def test_rerunning_a_finished_run_never_deletes_its_newest_checkpoint(tmp_path, 
                          tensors(ref.dir / "checkpoints" / "step-0000020" / "model.safetensors"))
     assert launch.proc.returncode == 0, launch.text()[-3000:]
     assert [r["step"] for r in train_rows(read_metrics(run_dir))] == list(range(1, 21))
+
+
+def test_sigusr1_stops_a_direct_launch_and_a_stale_stop_file_does_not(tmp_path):
+    """SIGUSR1 works like SIGTERM for a trainer started without the elastic launcher (which would die on it).
+    A STOP file left from an earlier launch is removed at start-up instead of stopping the new run."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "STOP").touch()
+    launch = Launch(run_dir, f"train.batch_size={GLOBAL_BATCH}", "train.ckpt_every=100")
+    stop_after(launch, 10, lambda l: l.signal(signal.SIGUSR1))
+    run = launch.wait()
+    assert run.rc == 0, run.log[-3000:]
+    k = assert_preempted(run)
+    assert run.status()["reason"] == "SIGUSR1"
+    assert checkpoints(run_dir) == [f"step-{k:07d}"]
