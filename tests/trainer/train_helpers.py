@@ -47,7 +47,7 @@ def env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("ACCELERATE_", "TORCHELASTIC_")) and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK",
                                                                            "MASTER_ADDR", "MASTER_PORT")}
-    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_BUILD_OPS="0", TQDM_DISABLE="1",
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_BUILD_OPS="0",
              PYTHONPATH=str(REPO) + os.pathsep + e.get("PYTHONPATH", ""))
     e.update(extra)
     return e
