@@ -207,8 +207,9 @@ def train(cfg: Config) -> int:
         assert dist.get_world_size() == world, (
             f"torch.distributed world size {dist.get_world_size()} != accelerator.num_processes {world}; "
             "on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N")
+    # Every rank's stream yields exactly batch_size rows (asserted per micro-batch below), so one
+    # optimizer step sees this many images: the invariant the LR and the logs rely on.
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world
-    assert global_batch == cfg.train.batch_size * cfg.train.grad_accum * world
 
     run_dir = cfg.run.dir
     if accelerator.is_main_process:
@@ -321,6 +322,7 @@ def train(cfg: Config) -> int:
         for micro in range(cfg.train.grad_accum):
             with accelerator.accumulate(model):
                 x = to_model_input(next(batches), device, compute_dtype, cfg.train.channels_last)
+                assert x.shape[0] == cfg.train.batch_size, f"rank {rank} got a batch of {x.shape[0]}"
                 if step + 1 >= nan_step >= 0 and rank == nan_rank:
                     x = x.clone()
                     x[0, 0, 0, 0] = float("nan")
