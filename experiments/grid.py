@@ -179,14 +179,58 @@ def train_command(args, model: str, preset: str, seed: int, run_dir: Path) -> li
     return cmd
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_row(run_dir: Path) -> bool:
+    """Take `run_dir/grid.lock` (our pid); False when a live grid process holds it. A stale lock is taken over."""
+    lock = run_dir / "grid.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def run_row(args, env, model: str, seed: int) -> None:
-    g = GRIDS[args.grid]
     name = f"{model}-s{seed}"
     run_dir = Path(args.work) / args.grid / name
     if args.force and run_dir.exists():
+        if (run_dir / "grid.lock").exists() and not lock_row(run_dir):
+            raise RuntimeError(f"{name}: another grid process is running this row; stop it before --force")
         log(f"{name}: --force, removing {run_dir}")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not lock_row(run_dir):  # two invocations (say a train and an eval one) never work on one row at once
+        log(f"{name}: skipped, another grid process is working on it")
+        return
+    try:
+        _run_row(args, env, model, seed, run_dir)
+    finally:
+        (run_dir / "grid.lock").unlink(missing_ok=True)
+
+
+def _run_row(args, env, model: str, seed: int, run_dir: Path) -> None:
+    g = GRIDS[args.grid]
+    name = run_dir.name
     rec_path = run_dir / "grid_row.json"
     rec = read_json(rec_path, {"row": name, "model": model, "seed": seed, "preset": g["models"][model],
                                "train_invocations": [], "commands": {}})
@@ -196,21 +240,22 @@ def run_row(args, env, model: str, seed: int) -> None:
     status = read_json(run_dir / "status.json", {}).get("state")
     exported = (export / "config.json").is_file() and rec.get("exported")
 
-    if args.phase in ("train", "all") and not (status == "finished" and exported):
-        if status != "finished":
-            cmd = train_command(args, model, g["models"][model], seed, run_dir)
-            rec["commands"]["train"] = sh(cmd)
-            log(f"{name}: training ({'resuming' if status else 'new'}): {sh(cmd)}")
-            t0 = time.time()
-            try:
-                run(cmd, logfile, env)
-            finally:  # an interrupted invocation still counts towards the wall time
-                rec["train_invocations"].append({"start": t0, "wall_s": time.time() - t0,
-                                                 "state": read_json(run_dir / "status.json", {}).get("state")})
-                write_json(rec_path, rec)
+    rec["commands"].setdefault("train", sh(train_command(args, model, g["models"][model], seed, run_dir)))
+    if args.phase in ("train", "all") and status != "finished":
+        cmd = train_command(args, model, g["models"][model], seed, run_dir)
+        rec["commands"]["train"] = sh(cmd)
+        log(f"{name}: training ({'resuming' if status else 'new'}): {sh(cmd)}")
+        t0 = time.time()
+        try:
+            run(cmd, logfile, env)
+        finally:  # an interrupted invocation still counts towards the wall time
+            rec["train_invocations"].append({"start": t0, "wall_s": time.time() - t0,
+                                             "state": read_json(run_dir / "status.json", {}).get("state")})
+            write_json(rec_path, rec)
         status = read_json(run_dir / "status.json", {}).get("state")
         if status != "finished":
             raise RuntimeError(f"{name}: the trainer stopped with status {status!r}; run the grid again to resume")
+    if status == "finished" and not exported:  # in any phase: export is cheap and evaluation needs it
         cmd = [sys.executable, "-m", "trainer.export", str(run_dir)]
         rec["commands"]["export"] = sh(cmd)
         run(cmd, logfile, env)
@@ -272,6 +317,15 @@ def read_metrics_log(run_dir: Path) -> list[dict]:
     return rows
 
 
+def _wall_from_files(run_dir: Path) -> float | None:
+    """Training wall time when no grid invocation timed it (a trainer that outlived its grid process):
+    from the run's resolved config (written at start) to its status.json (written at the end)."""
+    start, end = run_dir / "config.yaml", run_dir / "status.json"
+    if read_json(end, {}).get("state") != "finished" or not start.is_file():
+        return None
+    return end.stat().st_mtime - start.stat().st_mtime
+
+
 def collect_row(args, model: str, seed: int) -> dict:
     name = f"{model}-s{seed}"
     run_dir = Path(args.work) / args.grid / name
@@ -285,7 +339,7 @@ def collect_row(args, model: str, seed: int) -> dict:
         "status": status.get("state", "not started"), "step": status.get("step", 0),
         "params": count_params(run_dir / "export"),
         "images_per_s": sum(ips) / len(ips) if ips else None,
-        "train_wall_s": sum(i["wall_s"] for i in rec.get("train_invocations", [])) or None,
+        "train_wall_s": sum(i["wall_s"] for i in rec.get("train_invocations", [])) or _wall_from_files(run_dir),
         "train_invocations": len(rec.get("train_invocations", [])),
         "eval_wall_s": rec.get("eval_wall_s"),
         "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
@@ -376,9 +430,15 @@ def _fmt(stat: dict | None, fmt: str, scale: float = 1.0) -> str:
     return s
 
 
+def pretty(cmd: str) -> str:
+    """A recorded command as one would type it in the repository root."""
+    acc = str(Path(sys.executable).with_name("accelerate"))
+    return cmd.replace(acc + " ", "accelerate ").replace(sys.executable + " ", "python ").replace(str(REPO) + "/", "")
+
+
 def render_markdown(grid: str, meta: dict, rows: list[dict], summary: dict, figures: dict) -> str:
     lines = [f"## Grid `{grid}`", ""]
-    lines += [f"Setting: {meta['setting']}", "",
+    lines += [f"Setting: {pretty(meta['setting'])}", "",
               "Mean ± sample standard deviation over the seeds listed (n = number of finished seeds). "
               "Regenerate every number of a model with the command in the last column; the exact CLI calls of "
               "each run are listed under *Runs*.", ""]
@@ -403,7 +463,7 @@ def render_markdown(grid: str, meta: dict, rows: list[dict], summary: dict, figu
                      f"{_fmt(s['final_train_loss'], '{:.4f}')} | `python experiments/grid.py {grid} --report` |")
     lines += ["", "### Runs", "", "| row | status | step | train invocations | commands |", "|---|---|---|---|---|"]
     for r in rows:
-        cmds = "<br>".join(f"{k}: `{v}`" for k, v in r["commands"].items())
+        cmds = "<br>".join(f"{k}: `{pretty(v)}`" for k, v in r["commands"].items())
         lines.append(f"| {r['row']} | {r['status']} | {r['step']} | {r['train_invocations']} | {cmds} |")
     for title, path in figures.items():
         if path:
@@ -427,7 +487,8 @@ def figure_samples(args, rows: list[dict], kind: str, out: Path) -> str | None:
         return None
     imgs = {m: Image.open(p) for m, (_, p) in firsts.items()}
     heights = [im.size[1] / im.size[0] for im in imgs.values()]
-    fig, axes = plt.subplots(len(imgs), 1, figsize=(6, 6 * sum(heights) / len(heights) * len(imgs) * 0.55 + 0.4),
+    width = 5.0  # inches; each panel as tall as its grid's aspect asks, plus room for its title
+    fig, axes = plt.subplots(len(imgs), 1, figsize=(width, sum(width * h + 0.3 for h in heights) + 0.3),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     what = "samples (row block per stage, stage 1 on top)" if kind == "samples" else \
         "reconstructions (inputs on top, then one row block per stage)"
@@ -437,7 +498,7 @@ def figure_samples(args, rows: list[dict], kind: str, out: Path) -> str | None:
         ax.axis("off")
     fig.suptitle(f"{args.grid}: {what}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out.name
 
