@@ -388,6 +388,8 @@ def summarise(rows: list[dict]) -> dict:
     """Per model and stage: mean, sample std and count of every numeric metric over seeds."""
     by_model: dict[str, dict] = {}
     for r in rows:
+        if r["status"] != "finished":  # an unfinished run is listed under Runs, never averaged
+            continue
         m = by_model.setdefault(r["model"], {"seeds": [], "rows": [], "scalars": {}, "stages": {}})
         m["seeds"].append(r["seed"])
         m["rows"].append(r["row"])
@@ -425,7 +427,7 @@ def _fmt(stat: dict | None, fmt: str, scale: float = 1.0) -> str:
     if not stat or not stat["n"] or not math.isfinite(stat["mean"]):
         return "—"
     s = fmt.format(stat["mean"] * scale)
-    if stat["n"] > 1 and math.isfinite(stat["sd"]):
+    if stat["n"] > 1 and math.isfinite(stat["sd"]) and stat["sd"] > 0:
         s += " ± " + fmt.format(stat["sd"] * scale)
     return s
 
@@ -455,16 +457,23 @@ def render_markdown(grid: str, meta: dict, rows: list[dict], summary: dict, figu
             cells.append(cmd)
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| model | parameters | training images/s | train wall time (s) | eval wall time (s) | "
-              "final train loss | command |", "|---|---|---|---|---|---|---|"]
+              "final train loss (own objective) | command |", "|---|---|---|---|---|---|---|"]
     for model, m in summary.items():
         s = m["scalars"]
         lines.append(f"| {model} | {_fmt(s['params'], '{:,.0f}')} | {_fmt(s['images_per_s'], '{:.0f}')} | "
                      f"{_fmt(s['train_wall_s'], '{:.0f}')} | {_fmt(s['eval_wall_s'], '{:.0f}')} | "
                      f"{_fmt(s['final_train_loss'], '{:.4f}')} | `python experiments/grid.py {grid} --report` |")
-    lines += ["", "### Runs", "", "| row | status | step | train invocations | commands |", "|---|---|---|---|---|"]
+    lines += ["", "### Runs", "", "Every run of this grid, finished or not, with its last stage's headline numbers.", "",
+              "| row | status | step | train invocations | train wall s | last stage: KID samples ×1e3 | PSNR dB | "
+              "LapVar ratio samples | commands |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cmds = "<br>".join(f"{k}: `{pretty(v)}`" for k, v in r["commands"].items())
-        lines.append(f"| {r['row']} | {r['status']} | {r['step']} | {r['train_invocations']} | {cmds} |")
+        last = stage_metrics(r.get("eval"))[-1:] or [{}]
+        one = lambda k, f, sc=1.0: f.format(last[0][k] * sc) if k in last[0] else "—"  # noqa: E731
+        wall = f"{r['train_wall_s']:.0f}" if r.get("train_wall_s") else "—"
+        lines.append(f"| {r['row']} | {r['status']} | {r['step']} | {r['train_invocations']} | {wall} | "
+                     f"{one('samples.kid', '{:.1f}', 1e3)} | {one('recon.psnr', '{:.2f}')} | "
+                     f"{one('samples.laplacian_variance_ratio', '{:.2f}')} | {cmds} |")
     for title, path in figures.items():
         if path:
             lines += ["", f"![{title}]({path})"]
