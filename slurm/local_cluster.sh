@@ -80,7 +80,7 @@ setup_hosts() {
 write_conf() {
     local host cpus i tmp
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it honours OMP_NUM_THREADS
     tmp=$(mktemp)
     cat >"$tmp" <<EOF
 # Written by slurm/local_cluster.sh: two slurmd daemons (n1, n2) on this one host.
