@@ -413,6 +413,9 @@ class ShardStream:
             raise ValueError(f"cannot resume mid-epoch ({batches} batches into epoch {epoch}) with a different "
                              f"data layout ({what}): the position depends on it. Resume with the saved layout, "
                              f"or start the next epoch with `stream.epoch = {epoch + 1}`")
+        if batches == self._batches_per_epoch and not diff:
+            # Saved right after the epoch's last batch, before the next epoch began: its start.
+            epoch, batches = epoch + 1, 0
         if not 0 <= batches < self._batches_per_epoch:
             raise ValueError(f"saved position {batches} batches is outside this epoch's "
                              f"{self._batches_per_epoch} batches")

@@ -10,7 +10,7 @@ Layout of one checkpoint:
 - `COMMITTED`: written last, after everything else is fsynced and the folder renamed into place.
 
 Our own state is JSON or safetensors. Accelerate's and DeepSpeed's parts are loaded with
-`torch.load(weights_only=False)` by those libraries, so resuming trusts the run directory; exported
+unpickled by those libraries when loading, so resuming trusts the run directory; exported
 weights (`trainer.export`) never need pickle.
 
 Commit protocol: every rank writes into `.tmp-step-N` (a name that never matches `step-*`), all

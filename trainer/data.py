@@ -54,6 +54,8 @@ class SyntheticStream:
             raise ValueError(f"synthetic stream position was saved with world_size={state['world_size']}, "
                              f"batch_size={state['batch_size']}; now {self.world_size}, {self.batch_size}")
         self.epoch, self.position = state["epoch"], state["position"]
+        if self.position == self.batches:  # saved right after an epoch's last batch: the next one's start
+            self.epoch, self.position = self.epoch + 1, 0
 
 
 def ensure_shards(cfg: Config, is_main: bool) -> None:
@@ -88,15 +90,6 @@ def build_stream(cfg: Config, split: str, rank: int, world_size: int, *, train: 
                          f"but the model expects model.image_size={cfg.model.image_size}, "
                          f"model.channels={cfg.model.channels}; rebuild the shards or change the model")
     return stream
-
-
-def restore_stream(stream, state: dict) -> None:
-    """Load a saved position. A checkpoint taken right after an epoch's last batch holds (epoch e, every
-    batch consumed), which ShardStream refuses as outside the epoch: that position is the start of e + 1."""
-    if "batches" in state and state["batches"] == len(stream):
-        stream.epoch = state["epoch"] + 1
-        return
-    stream.load_state_dict(state)
 
 
 def to_model_input(batch: dict, device, dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:

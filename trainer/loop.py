@@ -23,7 +23,7 @@ from models import NStageVAE, nstage_loss
 
 from . import checkpoint as ckpt_lib
 from .config import Config, to_yaml
-from .data import build_stream, ensure_shards, restore_stream, to_model_input
+from .data import build_stream, ensure_shards, to_model_input
 from .export import manifest_sha256, write_export
 from .images import stage_grid
 
@@ -284,7 +284,7 @@ def train(cfg: Config) -> int:
         if ema is not None:
             ema = {k: v.to(ema[k].dtype) for k, v in ckpt_lib.load_ema(resume_path).items()}
         if saved_world == world:
-            restore_stream(train_stream, ckpt_lib.read_json(os.path.join(resume_path, f"data_rank{rank}.json")))
+            train_stream.load_state_dict(ckpt_lib.read_json(os.path.join(resume_path, f"data_rank{rank}.json")))
         else:
             # Model, optimizer and EMA are whole on every rank under DDP; the data position is
             # re-derived: the interrupted epoch's rest is skipped and the next epoch starts.

@@ -95,6 +95,20 @@ def test_resume_is_exact(celeba_shards, workers, k):
         assert resumed.epoch == start // n + 1
 
 
+def test_position_at_the_end_of_an_epoch_resumes_at_the_next(celeba_shards):
+    """A checkpoint taken right after an epoch's last batch saves (epoch e, all batches consumed)."""
+    make = functools.partial(ShardStream, celeba_shards, "train", 2, seed=7, shuffle_buffer=9)
+    ref = make()
+    first, second = list(ref), list(ref)
+    state = dict(make().state_dict(), epoch=0, batches=len(first))
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert resumed.epoch == 1
+    got = list(resumed)
+    assert len(got) == len(second)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, second))
+
+
 def test_resume_decodes_only_what_it_yields(celeba_shards, monkeypatch):
     calls = []
     real = stream_mod.decode_image
