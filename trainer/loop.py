@@ -203,10 +203,13 @@ def train(cfg: Config) -> int:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=kwargs)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     is_ds = accelerator.distributed_type.name == "DEEPSPEED"
-    if dist.is_available() and dist.is_initialized():
-        assert dist.get_world_size() == world, (
-            f"torch.distributed world size {dist.get_world_size()} != accelerator.num_processes {world}; "
-            "on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N")
+    dist_world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    assert dist_world == world, f"torch.distributed world size {dist_world} != accelerator.num_processes {world}"
+    # Without ACCELERATE_USE_CPU=1, `--multi_gpu` on a CPU machine starts N processes in one process group
+    # that accelerate treats as undistributed: no DDP wrapper, so gradients would never be averaged.
+    assert world == 1 or accelerator.distributed_type.name != "NO", (
+        f"{world} processes but accelerate set up no distributed training (gradients would not sync); "
+        "on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1")
     # Every rank's stream yields exactly batch_size rows (asserted per micro-batch below), so one
     # optimizer step sees this many images: the invariant the LR and the logs rely on.
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world

@@ -13,7 +13,8 @@ import sys
 import pytest
 import yaml
 
-from train_helpers import REPO, RUN_PY, TINY, env, reference_1proc, reference_ddp, train, train_rows
+from train_helpers import (ACCELERATE, REPO, RUN_PY, TINY, command, env, free_port, reference_1proc, reference_ddp,
+                           train, train_rows)
 from trainer.config import load_config, to_yaml
 
 
@@ -150,3 +151,28 @@ def test_step_colon_rank_override_stays_text():
     assert load_config("mnist", ["train.inject_nan=3:1"]).train.inject_nan == "3:1"
     assert load_config("mnist", ["train.inject_nan=120:0"]).train.inject_nan == "120:0"
     assert load_config("mnist", ["train.max_steps=7", "train.lr=1e-3"]).train.lr == 1e-3
+
+
+@pytest.mark.slow
+def test_two_processes_that_would_not_sync_are_refused(tmp_path):
+    """`--multi_gpu` on a CPU machine without ACCELERATE_USE_CPU=1 starts two processes that accelerate
+    treats as undistributed (no DDP, gradients never averaged): the trainer must refuse, not train."""
+    cmd, e = command(2)
+    e.pop("ACCELERATE_USE_CPU", None)
+    r = subprocess.run(cmd + [*TINY, "train.max_steps=2", f"run.dir={tmp_path / 'run'}"], env=e,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "gradients would not sync" in r.stdout + r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_cpu_2proc_accelerate_config_starts_two_synced_processes(tmp_path):
+    e = env(ACCELERATE_USE_CPU="1")
+    cmd = [str(ACCELERATE), "launch", "--config_file", str(REPO / "trainer/accelerate/cpu_2proc.yaml"),
+           "--main_process_port", str(free_port()), str(RUN_PY)]
+    r = subprocess.run(cmd + [*TINY, "train.max_steps=2", f"run.dir={tmp_path / 'run'}"], env=e,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["world_size"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
