@@ -507,7 +507,7 @@ def figure_samples(args, rows: list[dict], kind: str, out: Path) -> str | None:
         ax.axis("off")
     fig.suptitle(f"{args.grid}: {what}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110 if all(im.mode == "L" for im in imgs.values()) else 75)  # photo panels: keep the PNG small
     plt.close(fig)
     return out.name
 
