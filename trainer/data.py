@@ -26,7 +26,15 @@ class SyntheticStream:
         if self.batches < 1:
             raise ValueError(f"data.synthetic_size={size} is smaller than one global batch "
                              f"({batch_size} x {world_size} ranks)")
-        self.epoch, self.position = 0, 0
+        self._epoch, self.position = 0, 0
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:  # jump to the start of that epoch, as ShardStream does
+        self._epoch, self.position = int(value), 0
 
     def __len__(self) -> int:
         return self.batches
@@ -43,7 +51,7 @@ class SyntheticStream:
             x = self.global_batch(self.epoch, self.position)
             self.position += 1
             yield {"image": x[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]}
-        self.epoch, self.position = self.epoch + 1, 0
+        self.epoch += 1
 
     def state_dict(self) -> dict:
         return {"kind": "synthetic", "epoch": self.epoch, "position": self.position,
@@ -53,9 +61,10 @@ class SyntheticStream:
         if (state["world_size"], state["batch_size"]) != (self.world_size, self.batch_size):
             raise ValueError(f"synthetic stream position was saved with world_size={state['world_size']}, "
                              f"batch_size={state['batch_size']}; now {self.world_size}, {self.batch_size}")
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.epoch = state["epoch"]
+        self.position = state["position"]
         if self.position == self.batches:  # saved right after an epoch's last batch: the next one's start
-            self.epoch, self.position = self.epoch + 1, 0
+            self.epoch += 1
 
 
 def ensure_shards(cfg: Config, is_main: bool) -> None:
