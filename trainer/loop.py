@@ -321,7 +321,7 @@ def train(cfg: Config) -> int:
     while step < cfg.train.max_steps:
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr_at(updates, cfg)
-        terms_sum: dict[str, float] = {}
+        acc = None  # loss and terms summed over micro-batches on the device: one host sync per step
         for micro in range(cfg.train.grad_accum):
             with accelerator.accumulate(model):
                 x = to_model_input(next(batches), device, compute_dtype, cfg.train.channels_last)
@@ -339,9 +339,10 @@ def train(cfg: Config) -> int:
                     loss = torch.full_like(loss, float("nan"))
                 else:
                     accelerator.backward(loss)
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / cfg.train.grad_accum
-                terms_sum["loss"] = terms_sum.get("loss", 0.0) + loss.item() / cfg.train.grad_accum
+                names = ["loss", *terms]
+                vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
+                acc = vals if acc is None else acc + vals
+        terms_sum = dict(zip(names, (acc / cfg.train.grad_accum).tolist()))
         # finite check (reduced with the stop request), clip, step, EMA
         if is_ds:
             grad_norm = float("nan")
@@ -455,9 +456,7 @@ def evaluate(model, stream, cfg: Config, accelerator, compute_dtype) -> dict[str
     sums: dict[str, float] = {}
     n = 0
     arch = cfg.model.architecture()
-    stream.epoch, limit = 0, cfg.train.eval_batches or None
-    if hasattr(stream, "position"):
-        stream.position = 0
+    stream.epoch, limit = 0, cfg.train.eval_batches or None  # the same held-out batches every time
     for i, batch in enumerate(stream):
         if limit is not None and i >= limit:
             break
