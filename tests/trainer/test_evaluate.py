@@ -65,7 +65,7 @@ def _evaluate(setup, out, *extra, launch=()):
 
 @pytest.fixture(scope="module")
 def single(setup):
-    return _evaluate(setup, setup["root"] / "single.json")
+    return _evaluate(setup, setup["root"] / "single.json", "--real-cache", str(setup["root"] / "cache"))
 
 
 @pytest.mark.slow
@@ -84,6 +84,26 @@ def test_evaluate_reports_every_stage(single):
         assert p["fid"] > 0 and r["kid_subset_size"] == p["kid_subset_size"] == N_TEST
         assert p["n_fake"] == r["n_fake"] == N_TEST
     assert result["inception"]["sha256"] == "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+    assert result["real_feature_cache"]["batches_computed"] == N_TEST // 4
+
+
+@pytest.mark.slow
+def test_evaluate_reuses_cached_real_features(setup, single):
+    """A second model evaluation on the same split reads the real images' features from the cache (no
+    Inception pass on them) and scores exactly as the first did; a truncated cache file is recomputed."""
+    cache = setup["root"] / "cache"
+    again, _ = _evaluate(setup, setup["root"] / "again.json", "--real-cache", str(cache))
+    assert again["real_feature_cache"]["batches_cached"] == N_TEST // 4
+    assert again["real_feature_cache"]["batches_computed"] == 0
+    assert again["stages"] == single[0]["stages"]  # bit-identical FID, KID and the rest
+    files = sorted(cache.rglob("*.safetensors"))
+    assert len(files) == N_TEST // 4
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated, as by a kill mid-write of a foreign tool
+    healed, _ = _evaluate(setup, setup["root"] / "healed.json", "--real-cache", str(cache))
+    assert healed["real_feature_cache"] == {**again["real_feature_cache"], "batches_cached": N_TEST // 4 - 1,
+                                            "batches_computed": 1}
+    assert healed["stages"] == single[0]["stages"]
+    assert files[0].stat().st_size > 100  # rewritten whole
 
 
 @pytest.mark.slow
@@ -99,3 +119,45 @@ def test_evaluate_under_accelerate_matches_one_process(setup, single):
             assert b["recon"][k] == pytest.approx(a["recon"][k], rel=1e-4, abs=1e-5), (a["stage"], k)
         assert "fid" not in b["recon"] and b["samples"]["n_fake"] == N_TEST
     assert result["real"] == pytest.approx(one["real"], rel=1e-5)
+
+
+class _CountingInception(torch.nn.Module):
+    """Stands in for InceptionFeatures: deterministic float64 features, and a count of images seen."""
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return (x.flatten(1).float()[:, :6] / 7).double()  # float32 values, as the real network gives
+
+
+def test_real_feature_cache_keys_on_exact_pixels(tmp_path):
+    from trainer.evaluate import RealFeatureCache
+
+    net = _CountingInception()
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    first = RealFeatureCache(net, tmp_path)(x)
+    cache = RealFeatureCache(net, tmp_path)
+    assert torch.equal(cache(x), first) and cache(x).dtype == torch.float64 and net.seen == 4
+    y = x.clone()
+    y[0, 0, 0, 0] ^= 1  # one bit of one pixel: another key
+    cache(y)
+    cache(x[:2])  # a shorter batch of the same images: another key too
+    assert net.seen == 4 + 4 + 2 and (cache.hits, cache.misses) == (2, 2)
+    one = tmp_path / "one"
+    RealFeatureCache(net, one)(x)
+    (path,) = one.rglob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    seen = net.seen
+    with pytest.warns(UserWarning, match="unreadable real-feature cache file"):
+        assert torch.equal(RealFeatureCache(net, one)(x), first)
+    assert net.seen == seen + 4  # recomputed, and the file rewritten whole
+    assert torch.equal(RealFeatureCache(net, one)(x), first) and net.seen == seen + 4
+    assert not list(tmp_path.rglob("*.tmp"))
+    off = RealFeatureCache(net, None)
+    before = net.seen
+    off(x), off(x)
+    assert net.seen == before + 8 and off.hits == 0
