@@ -42,7 +42,12 @@ RESULTS = REPO / "experiments" / "results"
 # model name -> trainer preset; all presets of one grid share width, batch, optimizer and steps.
 GRIDS = {
     "mnist": {
-        "models": {"vae": "mnist_vae", "resvae": "mnist_resvae", "msvae": "mnist", "msvae3": "mnist_3stage"},
+        "models": {"vae": "mnist_vae", "resvae": "mnist_resvae", "msvae": "mnist", "msvae3": "mnist_3stage",
+                   "vae_halfkl": "mnist_vae"},
+        # Controls: a preset plus overrides. vae_halfkl separates "more stages" from "less KL pressure": every
+        # stage adds a reconstruction term of weight 1 against one KL term, so msvae's KL weighs half as much
+        # relative to its reconstruction terms as the plain VAE's.
+        "overrides": {"vae_halfkl": ["model.kl_weight=0.00390625"]},
         "shards": "data/mnist28",
         "n_eval": 100,  # Inception runs 1 + 2 x stages times per image: ~0.2 CPU-s each here
         "quick": {  # tiny widths and steps: exercises every phase in seconds
@@ -65,6 +70,7 @@ QUICK_STAGES = {
     "msvae3": ["model.stages.0.channels=[8,8,4]", "model.stages.1.width=4", "model.stages.1.num_blocks=1",
                "model.stages.2.width=4", "model.stages.2.num_blocks=1"],
 }
+QUICK_BASE = {"vae_halfkl": "vae"}  # controls take their base model's tiny stages
 QUICK_STEPS = 4
 QUICK_N_EVAL = 8
 
@@ -167,6 +173,7 @@ def train_command(args, model: str, preset: str, seed: int, run_dir: Path) -> li
     cmd = [accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "trainer/run.py", "--config", preset, f"run.dir={run_dir}",
            f"train.seed={seed}", f"data.shards={args.shards}"]
+    cmd += GRIDS[args.grid].get("overrides", {}).get(model, [])
     if args.steps:
         cmd.append(f"train.max_steps={args.steps}")
     if args.quick:
@@ -175,7 +182,7 @@ def train_command(args, model: str, preset: str, seed: int, run_dir: Path) -> li
                 f"train.log_every=1", f"train.eval_every={every}", f"train.ckpt_every={every}",
                 f"train.sample_every={QUICK_STEPS}", "train.eval_batches=1", "train.num_samples=4",
                 "data.num_workers=0", "data.shuffle_buffer=16", "run.tensorboard=false",
-                *sorted(GRIDS[args.grid]["quick"]), *QUICK_STAGES[model]]
+                *sorted(GRIDS[args.grid]["quick"]), *QUICK_STAGES[QUICK_BASE.get(model, model)]]
     return cmd
 
 
@@ -336,6 +343,7 @@ def collect_row(args, model: str, seed: int) -> dict:
     status = read_json(run_dir / "status.json", {})
     out = {
         "row": name, "model": model, "seed": seed, "preset": GRIDS[args.grid]["models"][model],
+        "overrides": GRIDS[args.grid].get("overrides", {}).get(model, []),
         "status": status.get("state", "not started"), "step": status.get("step", 0),
         "params": count_params(run_dir / "export"),
         "images_per_s": sum(ips) / len(ips) if ips else None,

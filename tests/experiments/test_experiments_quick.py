@@ -98,3 +98,27 @@ def test_quick_grid_skips_finished_rows_and_reruns_one(quick_grid):
     assert {k: v for k, v in after.items() if k != "vae-s0"} == {k: v for k, v in before.items() if k != "vae-s0"}
     assert len(json.loads((work / "vae-s0" / "grid_row.json").read_text())["train_invocations"]) == 1
     assert invocations["msvae3-s0"] == 1
+
+
+def test_control_rows_train_their_base_preset_with_overrides():
+    """vae_halfkl is mnist_vae with its KL weight halved: the train command carries the override and the
+    trainer's config built from that command really has the halved weight (and nothing else changed)."""
+    import argparse
+    import importlib.util
+
+    from trainer.config import load_config
+
+    spec = importlib.util.spec_from_file_location("grid", REPO / "experiments" / "grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    args = argparse.Namespace(grid="mnist", shards="data/mnist28", steps=0, quick=False)
+    cmd = grid.train_command(args, "vae_halfkl", grid.GRIDS["mnist"]["models"]["vae_halfkl"], 0, Path("run"))
+    i = cmd.index("--config")
+    preset, overrides = cmd[i + 1], cmd[i + 2:]
+    control, base = load_config(preset, overrides), load_config(preset, overrides[:3])
+    assert preset == "mnist_vae" and base.model.kl_weight == 1 / 128
+    assert control.model.kl_weight == base.model.kl_weight / 2
+    control.model.kl_weight = base.model.kl_weight
+    assert control == base
+    quick = grid.train_command(argparse.Namespace(**{**vars(args), "quick": True}), "vae_halfkl", preset, 0, Path("r"))
+    assert "model.kl_weight=0.00390625" in quick and "model.stages.0.channels=[8,8,4]" in quick
