@@ -341,6 +341,9 @@ def collect_row(args, model: str, seed: int) -> dict:
     train_rows = [r for r in logs if "loss" in r and "images_per_s" in r]
     ips = [r["images_per_s"] for r in train_rows[1:]] or [r["images_per_s"] for r in train_rows]
     status = read_json(run_dir / "status.json", {})
+    ev = read_json(run_dir / "eval.json")
+    n_asked = QUICK_N_EVAL if args.quick else args.n_eval
+    stale = ev is not None and ev.get("n_real") != n_asked  # never average evaluations of different sizes
     out = {
         "row": name, "model": model, "seed": seed, "preset": GRIDS[args.grid]["models"][model],
         "overrides": GRIDS[args.grid].get("overrides", {}).get(model, []),
@@ -353,7 +356,8 @@ def collect_row(args, model: str, seed: int) -> dict:
         "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
         "final_val": next(({k: v for k, v in r.items() if k.startswith("val_")} for r in reversed(logs)
                            if any(k.startswith("val_") for k in r)), None),
-        "eval": read_json(run_dir / "eval.json"),
+        "eval": None if stale else ev,
+        "eval_n_other": ev.get("n_real") if stale else None,
         "commands": rec.get("commands", {}),
         "grid_command": f"python experiments/grid.py {args.grid} --row {name}",
         "run_dir": str(run_dir),
@@ -479,7 +483,9 @@ def render_markdown(grid: str, meta: dict, rows: list[dict], summary: dict, figu
         last = stage_metrics(r.get("eval"))[-1:] or [{}]
         one = lambda k, f, sc=1.0: f.format(last[0][k] * sc) if k in last[0] else "—"  # noqa: E731
         wall = f"{r['train_wall_s']:.0f}" if r.get("train_wall_s") else "—"
-        lines.append(f"| {r['row']} | {r['status']} | {r['step']} | {r['train_invocations']} | {wall} | "
+        status = r["status"] + (f" (evaluated at N = {r['eval_n_other']}, not {meta['n_eval']}: run its row "
+                                "again)" if r.get("eval_n_other") else "")
+        lines.append(f"| {r['row']} | {status} | {r['step']} | {r['train_invocations']} | {wall} | "
                      f"{one('samples.kid', '{:.1f}', 1e3)} | {one('recon.psnr', '{:.2f}')} | "
                      f"{one('samples.laplacian_variance_ratio', '{:.2f}')} | {cmds} |")
     for title, path in figures.items():
@@ -559,6 +565,11 @@ def figure_losses(args, rows: list[dict], out: Path) -> str | None:
     return out.name
 
 
+def _preset_text(g: dict, model: str) -> str:
+    overrides = g.get("overrides", {}).get(model)
+    return f"`{g['models'][model]}`" + (f" with `{' '.join(overrides)}` ({model})" if overrides else "")
+
+
 def report(args, seeds: list[int], data_info: dict) -> dict:
     g = GRIDS[args.grid]
     rows = [collect_row(args, m, s) for m in g["models"] for s in seeds
@@ -575,7 +586,7 @@ def report(args, seeds: list[int], data_info: dict) -> dict:
     meta = {"grid": args.grid, "seeds": seeds, "steps": QUICK_STEPS if args.quick else (args.steps or "preset"),
             "n_eval": QUICK_N_EVAL if args.quick else args.n_eval, "quick": args.quick, "shards": args.shards,
             "data": data_info, "threads": args.threads,
-            "setting": f"presets {', '.join(f'`{p}`' for p in g['models'].values())}, {steps} steps, seeds "
+            "setting": f"presets {', '.join(_preset_text(g, m) for m in g['models'])}, {steps} steps, seeds "
                        f"{seeds}, evaluation on {QUICK_N_EVAL if args.quick else args.n_eval} held-out images "
                        f"(`{args.shards}`, split test), OMP_NUM_THREADS={args.threads}"
                        + (" (--quick)" if args.quick else "")}

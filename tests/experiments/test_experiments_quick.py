@@ -122,3 +122,28 @@ def test_control_rows_train_their_base_preset_with_overrides():
     assert control == base
     quick = grid.train_command(argparse.Namespace(**{**vars(args), "quick": True}), "vae_halfkl", preset, 0, Path("r"))
     assert "model.kl_weight=0.00390625" in quick and "model.stages.0.channels=[8,8,4]" in quick
+
+
+def test_report_never_averages_an_evaluation_of_another_size(tmp_path):
+    """A row evaluated at N=100 is not averaged into an N=1000 table; its Runs line says to rerun it."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grid", REPO / "experiments" / "grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    run = tmp_path / "mnist" / "vae-s0"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "finished", "step": 1000}))
+    stage = {"stage": 1, "recon": {"psnr": 15.0, "kid": 0.1}, "samples": {"kid": 0.2}}
+    (run / "eval.json").write_text(json.dumps({"n_real": 100, "stages": [stage]}))
+    args = argparse.Namespace(grid="mnist", work=str(tmp_path), n_eval=1000, quick=False)
+    row = grid.collect_row(args, "vae", 0)
+    assert row["eval"] is None and row["eval_n_other"] == 100
+    summary = grid.summarise([row])
+    assert summary["vae"]["stages"] == {}
+    md = grid.render_markdown("mnist", {"setting": "s", "n_eval": 1000}, [row], summary, {})
+    assert "evaluated at N = 100, not 1000" in md
+    row = grid.collect_row(argparse.Namespace(**{**vars(args), "n_eval": 100}), "vae", 0)
+    assert row["eval"]["n_real"] == 100
+    assert grid.summarise([row])["vae"]["stages"]["1"]["recon.psnr"]["mean"] == 15.0
