@@ -1,6 +1,6 @@
 """Run a comparison grid (VAE, deep residual VAE, 2- and 3-stage VAE) through the toolkit's own CLIs.
 
-    python experiments/grid.py mnist                          # 4 models x seeds 0 1: train, export, evaluate, report
+    python experiments/grid.py mnist                          # 5 models x seeds 0 1: train, export, evaluate, report
     python experiments/grid.py mnist --seeds 0 1 2 --n-eval 2000
     python experiments/grid.py mnist --row msvae-s1           # (re-)run one row; finished phases are skipped
     python experiments/grid.py mnist --row msvae-s1 --force   # redo that row from scratch
@@ -70,6 +70,11 @@ QUICK_STAGES = {
     "msvae3": ["model.stages.0.channels=[8,8,4]", "model.stages.1.width=4", "model.stages.1.num_blocks=1",
                "model.stages.2.width=4", "model.stages.2.num_blocks=1"],
 }
+def overrides_of(grid: str, model: str) -> list[str]:
+    """The trainer overrides that make `model` a control of its preset (none for a plain preset)."""
+    return GRIDS[grid].get("overrides", {}).get(model, [])
+
+
 QUICK_BASE = {"vae_halfkl": "vae"}  # controls take their base model's tiny stages
 QUICK_STEPS = 4
 QUICK_N_EVAL = 8
@@ -173,7 +178,7 @@ def train_command(args, model: str, preset: str, seed: int, run_dir: Path) -> li
     cmd = [accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "trainer/run.py", "--config", preset, f"run.dir={run_dir}",
            f"train.seed={seed}", f"data.shards={args.shards}"]
-    cmd += GRIDS[args.grid].get("overrides", {}).get(model, [])
+    cmd += overrides_of(args.grid, model)
     if args.steps:
         cmd.append(f"train.max_steps={args.steps}")
     if args.quick:
@@ -346,7 +351,7 @@ def collect_row(args, model: str, seed: int) -> dict:
     stale = ev is not None and ev.get("n_real") != n_asked  # never average evaluations of different sizes
     out = {
         "row": name, "model": model, "seed": seed, "preset": GRIDS[args.grid]["models"][model],
-        "overrides": GRIDS[args.grid].get("overrides", {}).get(model, []),
+        "overrides": overrides_of(args.grid, model),
         "status": status.get("state", "not started"), "step": status.get("step", 0),
         "params": count_params(run_dir / "export"),
         "images_per_s": sum(ips) / len(ips) if ips else None,
@@ -565,9 +570,9 @@ def figure_losses(args, rows: list[dict], out: Path) -> str | None:
     return out.name
 
 
-def _preset_text(g: dict, model: str) -> str:
-    overrides = g.get("overrides", {}).get(model)
-    return f"`{g['models'][model]}`" + (f" with `{' '.join(overrides)}` ({model})" if overrides else "")
+def _preset_text(grid: str, model: str) -> str:
+    overrides = overrides_of(grid, model)
+    return f"`{GRIDS[grid]['models'][model]}`" + (f" with `{' '.join(overrides)}` ({model})" if overrides else "")
 
 
 def report(args, seeds: list[int], data_info: dict) -> dict:
@@ -586,7 +591,7 @@ def report(args, seeds: list[int], data_info: dict) -> dict:
     meta = {"grid": args.grid, "seeds": seeds, "steps": QUICK_STEPS if args.quick else (args.steps or "preset"),
             "n_eval": QUICK_N_EVAL if args.quick else args.n_eval, "quick": args.quick, "shards": args.shards,
             "data": data_info, "threads": args.threads,
-            "setting": f"presets {', '.join(_preset_text(g, m) for m in g['models'])}, {steps} steps, seeds "
+            "setting": f"presets {', '.join(_preset_text(args.grid, m) for m in g['models'])}, {steps} steps, seeds "
                        f"{seeds}, evaluation on {QUICK_N_EVAL if args.quick else args.n_eval} held-out images "
                        f"(`{args.shards}`, split test), OMP_NUM_THREADS={args.threads}"
                        + (" (--quick)" if args.quick else "")}

@@ -36,6 +36,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torchmetrics.aggregation import MeanMetric
 
 from models import resize_to
@@ -67,9 +69,6 @@ class RealFeatureCache:
         if self.dir is None:
             self.misses += 1
             return self.inception(images)
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, save_file
-
         cpu = images.detach().to("cpu").contiguous()
         h = hashlib.sha256(repr(tuple(cpu.shape)).encode())
         h.update(cpu.numpy().tobytes())

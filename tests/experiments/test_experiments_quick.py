@@ -100,17 +100,24 @@ def test_quick_grid_skips_finished_rows_and_reruns_one(quick_grid):
     assert invocations["msvae3-s0"] == 1
 
 
-def test_control_rows_train_their_base_preset_with_overrides():
-    """vae_halfkl is mnist_vae with its KL weight halved: the train command carries the override and the
-    trainer's config built from that command really has the halved weight (and nothing else changed)."""
-    import argparse
+def _grid_module():
+    """experiments/grid.py as a module (experiments/ is a folder of scripts, not a package)."""
     import importlib.util
-
-    from trainer.config import load_config
 
     spec = importlib.util.spec_from_file_location("grid", REPO / "experiments" / "grid.py")
     grid = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(grid)
+    return grid
+
+
+def test_control_rows_train_their_base_preset_with_overrides():
+    """vae_halfkl is mnist_vae with its KL weight halved: the train command carries the override and the
+    trainer's config built from that command really has the halved weight (and nothing else changed)."""
+    import argparse
+
+    from trainer.config import load_config
+
+    grid = _grid_module()
     args = argparse.Namespace(grid="mnist", shards="data/mnist28", steps=0, quick=False)
     cmd = grid.train_command(args, "vae_halfkl", grid.GRIDS["mnist"]["models"]["vae_halfkl"], 0, Path("run"))
     i = cmd.index("--config")
@@ -127,11 +134,8 @@ def test_control_rows_train_their_base_preset_with_overrides():
 def test_report_never_averages_an_evaluation_of_another_size(tmp_path):
     """A row evaluated at N=100 is not averaged into an N=1000 table; its Runs line says to rerun it."""
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("grid", REPO / "experiments" / "grid.py")
-    grid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid)
+    grid = _grid_module()
     run = tmp_path / "mnist" / "vae-s0"
     run.mkdir(parents=True)
     (run / "status.json").write_text(json.dumps({"state": "finished", "step": 1000}))
