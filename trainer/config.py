@@ -78,6 +78,9 @@ class TrainConfig:
     export_weights: str = "ema"  # ema | raw: what the end-of-run export holds
     # Test hook: "STEP:RANK" puts a NaN into that rank's batch from that step on.
     inject_nan: str = ""
+    # Test hook: at this step (1-based) the fp16 loss scale is multiplied by 2**100, so the backward
+    # overflows for real and the GradScaler skips the update. 0: off. Needs fp16 without DeepSpeed.
+    inject_overflow: int = 0
 
 
 @dataclass

@@ -1,33 +1,47 @@
-"""The training loop and the pieces it needs: LR schedule, EMA, stop flag, logging, evaluation.
+"""The training loop: set-up, one optimizer step, the periodic work, and the two ends of a run.
+
+    s = setup(cfg)                       # accelerator, model, optimizer, EMA, streams, counters, resume
+    while s.step < max_steps:
+        out = train_step(s, batches)     # micro-batches, finite check, clip, step or skip, EMA
+        periodic(s, out)                 # log, eval, samples, checkpoint
+    finish(s)                            # checkpoint, then export (or stop for a requeue)
 
 Order inside one optimizer step (nanoGPT/DiT/EDM style): forward, loss, backward (per micro-batch),
-finite check (reduced over ranks, together with the stop request), clip, step, EMA; then the
-interval-gated log, eval, sample and checkpoint.
+finite check (reduced over ranks, together with the stop request: one all-reduce and one host sync per
+step), clip, step or skip, EMA. A skipped step changes no weight, no optimizer state and no EMA, and does
+not advance the learning rate.
+
+Mixed precision. bf16 needs nothing special. fp16 uses a GradScaler (accelerate's on GPUs; on CPU, where
+accelerate has none, torch's): an overflow makes the scaler skip the update and lower its scale. That is
+routine and does not count toward `train.max_bad_steps`; a non-finite loss does. Under DeepSpeed the
+engine steps inside backward, so a non-finite loss on any rank skips the backward on every rank.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from models import NStageVAE, nstage_loss
+from models import ModelConfig, NStageVAE, nstage_loss
 
 from . import checkpoint as ckpt_lib
 from .config import Config, to_yaml
 from .data import build_stream, ensure_shards, to_model_input
+from .ema import EMA, full_params
 from .export import manifest_sha256, write_export
 from .images import stage_grid
+from .runlog import MetricsLog, run_info, write_status
 
 EXIT_OK = 0
+# fp16: this many overflows in a row (the loss scale fell by 2**64) means the gradients are non-finite
+# whatever the scale, not large: the run aborts as for a non-finite loss.
+MAX_OVERFLOW_STREAK = 64
 
 
 # ----------------------------------------------------------------------------- small named pieces
@@ -38,32 +52,6 @@ def lr_at(step: int, cfg: Config) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@torch.no_grad()
-def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, updates: int) -> None:
-    """EMA of parameters and float buffers (BN statistics); integer buffers are copied."""
-    d = min(decay, (1 + updates) / (10 + updates))  # short warmup so early exports are not the init
-    for k, v in model.state_dict().items():
-        k = k.removeprefix("_orig_mod.")
-        if v.is_floating_point():
-            ema[k].lerp_(v.detach().float(), 1 - d)
-        else:
-            ema[k].copy_(v)
-
-
-def full_params(model: torch.nn.Module, is_ds: bool):
-    """Under ZeRO-3 each rank holds a slice of every parameter: gather them for the EMA (costly, but
-    the EMA is what gets exported). Elsewhere a no-op."""
-    if is_ds and any(hasattr(p, "ds_id") for p in model.parameters()):
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def init_ema(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("_orig_mod."): v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
-            for k, v in model.state_dict().items()}
 
 
 class StopRequest:
@@ -87,12 +75,10 @@ class StopRequest:
         return self.signal is not None or os.path.exists(self.stop_file)
 
 
-def reduce_flags(flags: list[float], device) -> list[float]:
-    """MAX over ranks: one small all-reduce per optimizer step carries the finite check and the stop."""
-    t = torch.tensor(flags, dtype=torch.float32, device=device)
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return t
 
 
 def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
@@ -106,94 +92,97 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
 
 def global_eps(cfg: Config, step: int, micro: int, rank: int, world: int, batch: int, device) -> torch.Tensor:
     """Reparameterisation noise as a pure function of (seed, step, micro-batch), sliced per rank:
-    resume is exact without saving RNG state, and 1 process sees what 2 processes see together."""
-    g = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + step) * 64 + micro + 1)
-    eps = torch.randn(world * batch, cfg.model.latent_dim, generator=g)
-    return eps[rank * batch:(rank + 1) * batch].to(device)
+    resume is exact without saving RNG state, and 1 process sees what 2 processes see together.
+    Drawn on the device (a CUDA generator on GPUs), so no host-to-device copy sits in the step."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed((cfg.train.seed * 1_000_003 + step) * 64 + micro + 1)
+    eps = torch.randn(world * batch, cfg.model.latent_dim, generator=g, device=device)
+    return eps[rank * batch:(rank + 1) * batch]
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per log step) plus TensorBoard, main process only."""
-
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resume_step: int | None):
-        self.path, self.enabled, self.tb = os.path.join(run_dir, "metrics.jsonl"), enabled, None
-        if not enabled:
-            return
-        if resume_step is not None and os.path.exists(self.path):
-            self._truncate(resume_step)
-        elif resume_step is None and os.path.exists(self.path):
-            os.remove(self.path)  # a fresh run in a directory without checkpoints
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=(resume_step or 0) + 1)
-
-    def _truncate(self, step: int) -> None:
-        """Drop rows after the checkpoint's step, so the file reads as one run with each step once."""
-        with open(self.path) as f:
-            rows = [line for line in f if line.strip()]
-        keep = []
-        for line in rows:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):
-                pass  # a torn last line from a killed process
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+def forward_loss(model, x: torch.Tensor, eps: torch.Tensor, arch: ModelConfig, accelerator):
+    """The forward pass and the per-stage losses: the piece without host branches or I/O."""
+    with accelerator.autocast():
+        out = model(x, eps=eps)
+    return nstage_loss(out, x, arch)
 
 
-def write_status(run_dir: str, state: str, step: int, **extra) -> None:
-    ckpt_lib.write_json(os.path.join(run_dir, "status.json"), {"state": state, "step": step, **extra})
+class BufferBackup:
+    """Batch norm updates its running statistics during the forward pass, before the finite check can
+    run: a skipped step puts them back (one NaN batch would otherwise poison them, and through them the
+    EMA and every later evaluation, for good). Two foreach copies per step, on the device."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.buffers = list(module.buffers())
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved)
 
 
-def run_info(accelerator, cfg: Config) -> dict:
-    import importlib.metadata as md
-
-    hosts = [None] * accelerator.num_processes
-    # node: SLURM's node name, which tells apart nodes that share one host (slurmd -N, the tests' cluster)
-    mine = {"rank": accelerator.process_index, "host": socket.gethostname(),
-            "node": os.environ.get("SLURMD_NODENAME"), "local_rank": accelerator.local_process_index}
-    if dist.is_available() and dist.is_initialized():
-        dist.all_gather_object(hosts, mine)
-    else:
-        hosts = [mine]
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                           capture_output=True, text=True, timeout=10)
-        sha = r.stdout.strip() if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    versions = {}
-    for pkg in ("nstage-vae", "torch", "accelerate", "webdataset", "safetensors", "deepspeed", "einops", "omegaconf"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {"git_sha": sha, "versions": versions, "python": sys.version.split()[0],
-            "world_size": accelerator.num_processes, "hosts": hosts,
-            "distributed_type": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision,
-            "global_batch": cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes,
-            "argv": sys.argv}
+# ----------------------------------------------------------------------------- set-up
+@dataclass
+class Counters:
+    step: int = 0  # optimizer steps taken, skipped ones included
+    updates: int = 0  # optimizer updates applied: what the LR schedule and the EMA warm-up follow
+    bad_streak: int = 0  # consecutive non-finite steps
+    overflow_streak: int = 0  # consecutive fp16 loss-scale overflows
 
 
-# ----------------------------------------------------------------------------- the run
-def train(cfg: Config) -> int:
+@dataclass
+class Setup:
+    """Everything a run holds, built once by `setup()` in order, after `prepare` has placed the model.
+    A second trained model (a discriminator, with its own optimizer) gets fields of its own here."""
+    cfg: Config
+    accelerator: object
+    arch: ModelConfig
+    model: torch.nn.Module  # as prepared: DDP / DeepSpeed engine around (compiled) NStageVAE
+    optimizer: object
+    ema: EMA | None
+    train_stream: object
+    val_stream: object
+    log: MetricsLog
+    stop: StopRequest
+    run_dir: str
+    config_yaml: str
+    manifest_sha: str | None
+    compute_dtype: torch.dtype | None  # the input dtype under DeepSpeed fp16/bf16 (elsewhere autocast)
+    is_ds: bool
+    global_batch: int
+    buffers: BufferBackup
+    counters: Counters = field(default_factory=Counters)
+    resume_path: str | None = None
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def scaler(self):
+        return self.accelerator.scaler
+
+    def trainer_state(self) -> dict:
+        c = self.counters
+        return {"step": c.step, "updates": c.updates, "bad_streak": c.bad_streak, "world_size": self.world,
+                "global_batch": self.global_batch, "config_name": self.cfg.run.name,
+                "manifest_sha256": self.manifest_sha}
+
+
+def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -201,8 +190,7 @@ def train(cfg: Config) -> int:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_USE_DEEPSPEED" in os.environ
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=kwargs)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    is_ds = accelerator.distributed_type.name == "DEEPSPEED"
+    world = accelerator.num_processes
     dist_world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     assert dist_world == world, f"torch.distributed world size {dist_world} != accelerator.num_processes {world}"
     # Without ACCELERATE_USE_CPU=1, `--multi_gpu` on a CPU machine starts N processes in one process group
@@ -210,10 +198,20 @@ def train(cfg: Config) -> int:
     assert world == 1 or accelerator.distributed_type.name != "NO", (
         f"{world} processes but accelerate set up no distributed training (gradients would not sync); "
         "on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1")
-    # Every rank's stream yields exactly batch_size rows (asserted per micro-batch below), so one
-    # optimizer step sees this many images: the invariant the LR and the logs rely on.
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * world
+    is_ds = accelerator.distributed_type.name == "DEEPSPEED"
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and not is_ds:
+        # accelerate makes no GradScaler (and no autocast) for fp16 on CPU, so fp16 there silently ran in
+        # fp32. torch has a CPU GradScaler: use it, so CPU fp16 is fp16 and its overflow path is testable.
+        accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu"), True
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv algorithms once
+    if cfg.train.inject_overflow and accelerator.scaler is None:
+        raise ValueError("train.inject_overflow needs fp16 with a GradScaler (--mixed_precision fp16, not DeepSpeed)")
+    return accelerator
 
+
+def prepare_run_dir(cfg: Config, accelerator) -> tuple[str | None, dict | None, str]:
+    """Create run.dir, write config.yaml and status.json, clear a stale STOP file, find the checkpoint."""
     run_dir = cfg.run.dir
     if accelerator.is_main_process:
         os.makedirs(run_dir, exist_ok=True)
@@ -230,13 +228,13 @@ def train(cfg: Config) -> int:
             os.remove(stop_file)  # a stop request belongs to the previous launch
     ensure_shards(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    stop = StopRequest(run_dir)
+    return resume_path, resume_state, config_yaml
 
-    # --- model, optimizer
+
+def build_model(cfg: Config, arch: ModelConfig, device, is_ds: bool, fresh: bool) -> NStageVAE:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    arch = cfg.model.architecture()
     model = NStageVAE(arch)
-    if cfg.train.init_from and resume_state is None:
+    if cfg.train.init_from and fresh:
         from models import load_pretrained
         src = load_pretrained(cfg.train.init_from)
         if src.config.to_dict() != arch.to_dict():
@@ -249,182 +247,344 @@ def train(cfg: Config) -> int:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.train.channels_last and is_ds:
         # DeepSpeed flattens parameters into one buffer and cannot view channels_last weights.
-        accelerator.print("[nstage-vae] train.channels_last is ignored under DeepSpeed")
+        print("[nstage-vae] train.channels_last is ignored under DeepSpeed", flush=True)
         cfg.train.channels_last = False
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = init_ema(model) if cfg.train.ema_decay > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr_at(0, cfg), betas=tuple(cfg.train.betas),
-                                 weight_decay=cfg.train.weight_decay)
+    return model
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, device, is_ds: bool) -> torch.optim.Optimizer:
+    # fused Adam on GPUs (one kernel for all parameters; GradScaler supports it). DeepSpeed wraps the
+    # optimizer in its own, and CPU runs keep torch's default so their numbers stay comparable.
+    fused = {"fused": True} if device.type == "cuda" and not is_ds else {}
+    return torch.optim.Adam(model.parameters(), lr=lr_at(0, cfg), betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay, **fused)
+
+
+def patch_deepspeed_config(cfg: Config, accelerator) -> None:
+    """DeepSpeed reads the micro-batch and clipping from its config (we have no DataLoader). Under its
+    fp16/bf16 modes it casts parameters but leaves buffers in fp32, and batch norm then refuses bf16
+    weights with fp32 running statistics: cast the buffers too (`data_types.buffer_dtype`)."""
+    ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_cfg["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    if ds_cfg.get("gradient_clipping") in (None, "auto"):
+        ds_cfg["gradient_clipping"] = cfg.train.clip_grad
+    if accelerator.mixed_precision in ("bf16", "fp16"):
+        ds_cfg.setdefault("data_types", {}).setdefault("buffer_dtype", accelerator.mixed_precision)
+
+
+def setup(cfg: Config) -> Setup:
+    accelerator = make_accelerator(cfg)
+    is_ds = accelerator.distributed_type.name == "DEEPSPEED"
+    resume_path, resume_state, config_yaml = prepare_run_dir(cfg, accelerator)
+    stop = StopRequest(cfg.run.dir)
+    arch = cfg.model.architecture()
+    model = build_model(cfg, arch, accelerator.device, is_ds, fresh=resume_state is None)
+    optimizer = make_optimizer(cfg, model, accelerator.device, is_ds)
     if cfg.train.compile:
         model = torch.compile(model)
-    if is_ds:  # DeepSpeed reads the micro-batch and clipping from its config; we have no DataLoader
-        ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_cfg["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-        if ds_cfg.get("gradient_clipping") in (None, "auto"):
-            ds_cfg["gradient_clipping"] = cfg.train.clip_grad
+    if is_ds:
+        patch_deepspeed_config(cfg, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema = None
+    if cfg.train.ema_decay > 0:  # after prepare: on the device, from the weights as placed
+        with full_params(model, is_ds):
+            ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay)
     # The LR is a pure function of the optimizer-update count, set each step: no scheduler state, and
     # no accelerate scheduler wrapper (which steps num_processes times per call).
-    train_stream = build_stream(cfg, cfg.data.train_split, rank, world, train=True)
-    val_stream = build_stream(cfg, cfg.data.val_split, rank, world, train=False)
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision) if is_ds else None
-
-    step = updates = bad_streak = 0
+    rank, world = accelerator.process_index, accelerator.num_processes
+    s = Setup(
+        cfg=cfg, accelerator=accelerator, arch=arch, model=model, optimizer=optimizer, ema=ema,
+        train_stream=build_stream(cfg, cfg.data.train_split, rank, world, train=True),
+        val_stream=build_stream(cfg, cfg.data.val_split, rank, world, train=False),
+        log=None, stop=stop, run_dir=cfg.run.dir, config_yaml=config_yaml,
+        manifest_sha=manifest_sha256(cfg.data.shards) if not cfg.data.synthetic else None,
+        compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision) if is_ds else None,
+        is_ds=is_ds,
+        # Every rank's stream yields exactly batch_size rows (asserted per micro-batch), so one optimizer
+        # step sees this many images: the invariant the LR and the logs rely on.
+        global_batch=cfg.train.batch_size * cfg.train.grad_accum * world,
+        buffers=BufferBackup(accelerator.unwrap_model(model)))
     if resume_state is not None:
-        saved_world = resume_state["world_size"]
-        if ckpt_lib.is_deepspeed_checkpoint(resume_path) != is_ds:  # else load_state fails on a missing file
-            kind = "under DeepSpeed" if not is_ds else "without DeepSpeed"
-            raise RuntimeError(f"checkpoint {resume_path} was written {kind}; resume it with the accelerate "
-                               f"config it was written with, or export its weights (python -m trainer.export "
-                               f"{run_dir} --weights raw --out DIR) and start a new run with train.init_from=DIR")
-        if is_ds and saved_world != world:  # before load_state, which fails with DeepSpeed's own error
-            raise RuntimeError(f"checkpoint {resume_path} was written by {saved_world} DeepSpeed ranks; "
-                               f"resume it with {saved_world} processes (ZeRO shards are per rank)")
-        accelerator.load_state(resume_path)
-        step, updates = resume_state["step"], resume_state["updates"]
-        bad_streak = resume_state.get("bad_streak", 0)
-        if ema is not None:
-            ema = {k: v.to(ema[k].dtype) for k, v in ckpt_lib.load_ema(resume_path).items()}
-        if saved_world == world:
-            train_stream.load_state_dict(ckpt_lib.read_json(os.path.join(resume_path, f"data_rank{rank}.json")))
-        else:
-            # Model, optimizer and EMA are whole on every rank under DDP; the data position is
-            # re-derived: the interrupted epoch's rest is skipped and the next epoch starts.
-            epoch = ckpt_lib.read_json(os.path.join(resume_path, "data_rank0.json"))["epoch"]
-            train_stream.epoch = epoch + 1
-            accelerator.print(f"[nstage-vae] world size changed {saved_world} -> {world}: restored weights, "
-                              f"optimizer and EMA; data restarts at epoch {epoch + 1}")
-        accelerator.print(f"[nstage-vae] resumed from {resume_path} at step {step}")
-    log = MetricsLog(run_dir, accelerator.is_main_process, cfg.run.tensorboard, step if resume_state else None)
+        resume(s, resume_path, resume_state)
+    s.log = MetricsLog(s.run_dir, accelerator.is_main_process, cfg.run.tensorboard,
+                       s.counters.step if resume_state else None)
+    info = run_info(accelerator, cfg)  # collective: every rank sends its host
     if accelerator.is_main_process:
-        ckpt_lib.write_json(os.path.join(run_dir, "run.json"), {**run_info(accelerator, cfg), "resumed_from": resume_path})
+        ckpt_lib.write_json(os.path.join(s.run_dir, "run.json"), {**info, "resumed_from": resume_path})
+    return s
+
+
+def resume(s: Setup, path: str, state: dict) -> None:
+    """Load model, optimizer, scaler and RNG (accelerate), the EMA, the counters and the data position."""
+    saved_world, acc = state["world_size"], s.accelerator
+    if ckpt_lib.is_deepspeed_checkpoint(path) != s.is_ds:  # else load_state fails on a missing file
+        kind = "under DeepSpeed" if not s.is_ds else "without DeepSpeed"
+        raise RuntimeError(f"checkpoint {path} was written {kind}; resume it with the accelerate "
+                           f"config it was written with, or export its weights (python -m trainer.export "
+                           f"{s.run_dir} --weights raw --out DIR) and start a new run with train.init_from=DIR")
+    if s.is_ds and saved_world != s.world:  # before load_state, which fails with DeepSpeed's own error
+        raise RuntimeError(f"checkpoint {path} was written by {saved_world} DeepSpeed ranks; "
+                           f"resume it with {saved_world} processes (ZeRO shards are per rank)")
+    acc.load_state(path)
+    s.counters = Counters(step=state["step"], updates=state["updates"], bad_streak=state.get("bad_streak", 0))
+    ema_state = ckpt_lib.load_ema(path)
+    if s.ema is not None and ema_state is not None:
+        s.ema.load_state_dict(ema_state)
+    if saved_world == s.world:
+        s.train_stream.load_state_dict(ckpt_lib.read_json(os.path.join(path, f"data_rank{s.rank}.json")))
     else:
-        run_info(accelerator, cfg)  # collective: every rank sends its host
-    sha = manifest_sha256(cfg.data.shards) if not cfg.data.synthetic else None
+        # Model, optimizer and EMA are whole on every rank under DDP; the data position is
+        # re-derived: the interrupted epoch's rest is skipped and the next epoch starts.
+        epoch = ckpt_lib.read_json(os.path.join(path, "data_rank0.json"))["epoch"]
+        s.train_stream.epoch = epoch + 1
+        acc.print(f"[nstage-vae] world size changed {saved_world} -> {s.world}: restored weights, "
+                  f"optimizer and EMA; data restarts at epoch {epoch + 1}")
+    s.resume_path = path
+    acc.print(f"[nstage-vae] resumed from {path} at step {s.counters.step}")
 
-    def trainer_state() -> dict:
-        return {"step": step, "updates": updates, "bad_streak": bad_streak, "world_size": world,
-                "global_batch": global_batch, "config_name": cfg.run.name, "manifest_sha256": sha}
 
-    def save() -> None:
-        ckpt_lib.save_checkpoint(accelerator, run_dir, step, trainer_state=trainer_state(), ema=ema,
-                                 stream_state=train_stream.state_dict(), config_yaml=config_yaml,
-                                 keep=cfg.train.keep_ckpts)
+# ----------------------------------------------------------------------------- one optimizer step
+@dataclass
+class StepOut:
+    terms: dict[str, float]  # this rank's loss terms, mean over the micro-batches
+    grad_norm: float
+    skipped: bool  # non-finite on some rank: nothing was updated
+    overflow: bool  # fp16: the GradScaler skipped the update and lowered its scale
+    stop: bool  # a stop request (signal or STOP file) on some rank
+    timed_out: bool  # train.max_time reached on some rank
 
-    nan_step, nan_rank = (int(v) for v in cfg.train.inject_nan.split(":")) if cfg.train.inject_nan else (-1, -1)
-    batches = _forever(train_stream)
-    t0 = t_log = time.time()
-    images_since_log, stopped_by, reason = 0, None, None
-    progress = _progress(accelerator, step, cfg.train.max_steps)
-    model.train()
-    while step < cfg.train.max_steps:
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr_at(updates, cfg)
-        acc = None  # loss and terms summed over micro-batches on the device: one host sync per step
-        for micro in range(cfg.train.grad_accum):
-            with accelerator.accumulate(model):
-                x = to_model_input(next(batches), device, compute_dtype, cfg.train.channels_last)
-                assert x.shape[0] == cfg.train.batch_size, f"rank {rank} got a batch of {x.shape[0]}"
-                if step + 1 >= nan_step >= 0 and rank == nan_rank:
-                    x = x.clone()
-                    x[0, 0, 0, 0] = float("nan")
-                eps = global_eps(cfg, step, micro, rank, world, x.shape[0], device)
-                with accelerator.autocast():
-                    out = model(x, eps=eps)
-                loss, terms = nstage_loss(out, x, arch)
-                # DeepSpeed steps inside backward, so there a non-finite loss on any rank skips the
-                # backward on every rank (they agree through the reduced flag).
-                if is_ds and reduce_flags([float(not torch.isfinite(loss))], device)[0]:
-                    loss = torch.full_like(loss, float("nan"))
-                else:
-                    accelerator.backward(loss)
-                names = ["loss", *terms]
-                vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
-                acc = vals if acc is None else acc + vals
-        terms_sum = dict(zip(names, (acc / cfg.train.grad_accum).tolist()))
-        # finite check (reduced with the stop request), clip, step, EMA
-        if is_ds:
-            grad_norm = float("nan")
+
+def _nan_injected(cfg: Config, step: int, rank: int) -> bool:
+    """Test hook `train.inject_nan=STEP:RANK`: that rank's batches hold a NaN from that step on."""
+    if not cfg.train.inject_nan:
+        return False
+    nan_step, nan_rank = (int(v) for v in cfg.train.inject_nan.split(":"))
+    return step + 1 >= nan_step and rank == nan_rank
+
+
+def _micro_batches(s: Setup, batches) -> tuple[list[str], torch.Tensor]:
+    """Forward, loss and backward of each micro-batch; returns the term names and their mean on the device."""
+    cfg, acc, c = s.cfg, s.accelerator, s.counters
+    total, names = None, None
+    for micro in range(cfg.train.grad_accum):
+        with acc.accumulate(s.model):
+            x = to_model_input(next(batches), s.device, s.compute_dtype, cfg.train.channels_last)
+            assert x.shape[0] == cfg.train.batch_size, f"rank {s.rank} got a batch of {x.shape[0]}"
+            if _nan_injected(cfg, c.step, s.rank):
+                x = x.clone()
+                x[0, 0, 0, 0] = float("nan")
+            eps = global_eps(cfg, c.step, micro, s.rank, s.world, x.shape[0], s.device)
+            loss, terms = forward_loss(s.model, x, eps, s.arch, acc)
+            # DeepSpeed steps inside backward, so there a non-finite loss on any rank skips the
+            # backward on every rank (they agree through the reduced flag).
+            if s.is_ds and all_reduce_max((~torch.isfinite(loss)).float().reshape(1)).item():
+                loss = torch.full_like(loss, float("nan"))
+            else:
+                acc.backward(loss)
+            names = ["loss", *terms]
+            vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
+            total = vals if total is None else total + vals
+    return names, total / cfg.train.grad_accum
+
+
+def _inject_overflow(s: Setup) -> float | None:
+    """Test hook `train.inject_overflow=STEP`: multiply the fp16 loss scale by 2**100 for that step, so that
+    its backward overflows for real. Returns the scale to restore (as a natural overflow would leave it)."""
+    if s.cfg.train.inject_overflow != s.counters.step + 1:
+        return None
+    scale = s.scaler.get_scale()
+    s.scaler.update(new_scale=scale * 2.0**100)
+    return scale * s.scaler.get_backoff_factor()
+
+
+def train_step(s: Setup, batches) -> StepOut:
+    """One optimizer step: micro-batches, finite check and stop flags (one all-reduce), clip, step or
+    skip, EMA. Reads the device once (the reduced flags, the terms and the grad norm together)."""
+    cfg, acc, c = s.cfg, s.accelerator, s.counters
+    lr = lr_at(c.updates, cfg)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    restore_scale = _inject_overflow(s) if cfg.train.inject_overflow else None
+    s.buffers.save()
+    names, terms = _micro_batches(s, batches)
+    if s.is_ds:
+        grad_norm = torch.full((), float("nan"), device=s.device)
+        bad_local = ~torch.isfinite(terms[0])
+    else:
+        # Unscales first under fp16; an overflow shows as a non-finite norm with a finite loss.
+        grad_norm = torch.as_tensor(acc.clip_grad_norm_(s.model.parameters(), cfg.train.clip_grad or float("inf")))
+        bad_local = ~torch.isfinite(terms[0])
+        if s.scaler is None:
+            bad_local = bad_local | ~torch.isfinite(grad_norm)
+    timed_out = cfg.train.max_time > 0 and time.time() - s.t_start >= cfg.train.max_time
+    host = torch.tensor([float(s.stop.requested()), float(timed_out)])
+    flags = all_reduce_max(torch.cat([bad_local.float().reshape(1), host.to(s.device, non_blocking=True)]))
+    got = torch.cat([flags, terms, grad_norm.float().reshape(1).to(s.device)]).tolist()  # the one host sync
+    bad, stop_now, time_now = (bool(v) for v in got[:3])
+    out = StepOut(terms=dict(zip(names, got[3:-1])), grad_norm=got[-1], skipped=bad, overflow=False,
+                  stop=stop_now, timed_out=time_now)
+    c.step += 1
+    if bad:
+        s.optimizer.zero_grad(set_to_none=True)
+        s.buffers.restore()
+        if s.scaler is not None:
+            s.scaler.update()  # clears this step's unscale record (and backs the scale off)
+        c.bad_streak += 1
+    else:
+        c.bad_streak = 0
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        out.overflow = bool(acc.optimizer_step_was_skipped)
+        c.overflow_streak = c.overflow_streak + 1 if out.overflow else 0
+        if out.overflow:  # neither the LR nor the EMA advances
+            s.buffers.restore()
         else:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad or float("inf")).item()
-        elapsed = time.time() - t0
-        timed_out = cfg.train.max_time > 0 and elapsed >= cfg.train.max_time
-        bad_local = not (math.isfinite(terms_sum["loss"]) and (is_ds or math.isfinite(grad_norm)))
-        bad, stop_now, time_now = reduce_flags([float(bad_local), float(stop.requested()), float(timed_out)], device)
-        step += 1
-        if bad:
-            optimizer.zero_grad(set_to_none=True)
-            bad_streak += 1
-            if bad_streak >= cfg.train.max_bad_steps:
-                # Reduced (NaN on any rank stays NaN), so every rank names the term that broke, not the
-                # NaN gradient that the all-reduce brought to the healthy ranks.
-                terms_all = mean_over_ranks(terms_sum, device)
-                which = [k for k, v in terms_all.items() if not math.isfinite(v)] or ["grad_norm"]
-                log.write({"step": step, "skipped": True, **terms_all})
-                msg = (f"aborting at step {step}: {bad_streak} non-finite steps in a row "
-                       f"(train.max_bad_steps={cfg.train.max_bad_steps}); non-finite on some rank: {', '.join(which)}")
-                if accelerator.is_main_process:
-                    write_status(run_dir, "failed", step, reason=msg)
-                raise FloatingPointError(msg)
-        else:
-            bad_streak = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: neither LR nor EMA advance
-                updates += 1
-                if ema is not None:
-                    with full_params(model, is_ds):
-                        ema_update(ema, accelerator.unwrap_model(model), cfg.train.ema_decay, updates)
-        if is_ds:
-            gn = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
-            grad_norm = float(gn) if gn is not None else float("nan")
-        images_since_log += global_batch
+            c.updates += 1
+            if s.ema is not None:
+                with full_params(s.model, s.is_ds):
+                    s.ema.update(acc.unwrap_model(s.model), c.updates)
+    if restore_scale is not None:
+        s.scaler.update(new_scale=restore_scale)
+    if s.is_ds:
+        gn = s.model.get_global_grad_norm() if hasattr(s.model, "get_global_grad_norm") else None
+        out.grad_norm = float(gn) if gn is not None else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- the periodic work
+def check_bad_streak(s: Setup, out: StepOut) -> None:
+    """Abort after train.max_bad_steps non-finite steps in a row (or an endless fp16 overflow)."""
+    c, cfg = s.counters, s.cfg
+    if c.bad_streak < cfg.train.max_bad_steps and c.overflow_streak < MAX_OVERFLOW_STREAK:
+        return
+    # Reduced (NaN on any rank stays NaN), so every rank names the term that broke, not the NaN
+    # gradient that the all-reduce brought to the healthy ranks.
+    terms_all = mean_over_ranks(out.terms, s.device)
+    which = [k for k, v in terms_all.items() if not math.isfinite(v)] or ["grad_norm"]
+    s.log.write({"step": c.step, "skipped": True, **terms_all})
+    if c.overflow_streak >= MAX_OVERFLOW_STREAK:
+        msg = (f"aborting at step {c.step}: {c.overflow_streak} fp16 overflows in a row; the gradients are "
+               f"non-finite at any loss scale (try bf16, a lower train.lr or train.clip_grad)")
+    else:
+        msg = (f"aborting at step {c.step}: {c.bad_streak} non-finite steps in a row "
+               f"(train.max_bad_steps={cfg.train.max_bad_steps}); non-finite on some rank: {', '.join(which)}")
+    if s.accelerator.is_main_process:
+        write_status(s.run_dir, "failed", c.step, reason=msg)
+    raise FloatingPointError(msg)
+
+
+class Periodic:
+    """The interval-gated work after a step: log, eval, samples, checkpoint."""
+
+    def __init__(self, s: Setup):
+        self.s, self.t_log, self.images = s, time.time(), 0
+
+    def log(self, out: StepOut) -> dict:
+        s, step = self.s, self.s.counters.step
+        now = time.time()
+        lr = lr_at(max(s.counters.updates - 1, 0), s.cfg)  # of the last applied update: skips do not advance it
+        row = {"step": step, **mean_over_ranks(out.terms, s.device), "lr": lr, "grad_norm": out.grad_norm,
+               "images_per_s": self.images / max(now - self.t_log, 1e-9)}
+        if s.scaler is not None:
+            row["loss_scale"] = s.scaler.get_scale()
+        if out.skipped:
+            row["skipped"] = True
+        if out.overflow:
+            row["overflow"] = True
+        s.log.write(row)
+        self.t_log, self.images = now, 0
+        return row
+
+    def __call__(self, out: StepOut, progress) -> None:
+        s, t = self.s, self.s.cfg.train
+        step, last = s.counters.step, s.counters.step == t.max_steps
+        self.images += s.global_batch
         progress.update(1)
+        if step % t.log_every == 0 or out.skipped or out.overflow or last:
+            progress.set_postfix(loss=f"{self.log(out)['loss']:.4f}")
+        if step % t.eval_every == 0 or last:
+            s.log.write({"step": step, **evaluate(s.model, s.val_stream, s.cfg, s.accelerator, s.compute_dtype)})
+            s.model.train()
+        if (step % t.sample_every == 0 or last) and s.accelerator.is_main_process:
+            save_samples(s.ema, s.accelerator.unwrap_model(s.model), s.arch, s.cfg, s.run_dir, step)
+        if step % t.ckpt_every == 0 and not last and not (out.stop or out.timed_out):
+            save(s)
 
-        if step % cfg.train.log_every == 0 or bad or step == cfg.train.max_steps:
-            now = time.time()
-            row = {"step": step, **mean_over_ranks(terms_sum, device), "lr": lr_at(max(updates - 1, 0), cfg),
-                   "grad_norm": grad_norm, "images_per_s": images_since_log / max(now - t_log, 1e-9)}
-            if bad:
-                row["skipped"] = True
-            log.write(row)
-            progress.set_postfix(loss=f"{row['loss']:.4f}")
-            t_log, images_since_log = now, 0
-        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            log.write({"step": step, **evaluate(model, val_stream, cfg, accelerator, compute_dtype)})
-            model.train()
-        if (step % cfg.train.sample_every == 0 or step == cfg.train.max_steps) and accelerator.is_main_process:
-            save_samples(ema, accelerator.unwrap_model(model), arch, cfg, run_dir, step)
-        if stop_now or time_now:
-            stopped_by = stop.signal or ("STOP file" if stop_now else "train.max_time")
-            reason = stopped_by
+
+def save(s: Setup) -> None:
+    t0 = time.time()
+    ckpt_lib.save_checkpoint(s.accelerator, s.run_dir, s.counters.step, trainer_state=s.trainer_state(),
+                             ema=s.ema.state_dict() if s.ema is not None else None,
+                             stream_state=s.train_stream.state_dict(), config_yaml=s.config_yaml,
+                             keep=s.cfg.train.keep_ckpts)
+    s.accelerator.print(f"[nstage-vae] checkpoint step-{s.counters.step:07d} committed in {time.time() - t0:.1f} s")
+
+
+# ----------------------------------------------------------------------------- the run
+def train(cfg: Config) -> int:
+    s = setup(cfg)
+    c, t = s.counters, cfg.train
+    batches = _forever(s.train_stream)
+    periodic = Periodic(s)
+    progress = _progress(s.accelerator, c.step, t.max_steps)
+    stopped_by = None
+    s.model.train()
+    s.t_start = time.time()  # train.max_time counts from here
+    while c.step < t.max_steps:
+        out = train_step(s, batches)
+        check_bad_streak(s, out)
+        periodic(out, progress)
+        if out.stop or out.timed_out:
+            stopped_by = s.stop.signal or ("STOP file" if out.stop else "train.max_time")
             break
-        if step % cfg.train.ckpt_every == 0 and step < cfg.train.max_steps:
-            save()
     progress.close()
-
-    save()
-    if stopped_by is not None:
-        if accelerator.is_main_process:
-            if os.path.exists(stop.stop_file):
-                os.remove(stop.stop_file)
-            write_status(run_dir, "preempted", step, reason=reason)
-        accelerator.print(f"[nstage-vae] stopped by {reason} at step {step}; checkpoint committed")
-    else:
-        if accelerator.is_main_process:
-            final = ema if cfg.train.export_weights == "ema" else None
-            state = final if final is not None else accelerator.get_state_dict(model)
-            write_export(state, arch, os.path.join(run_dir, "export"), provenance={
-                "step": step, "weights": cfg.train.export_weights, "run_config": _plain(cfg),
-                "dataset_manifest_sha256": sha})
-            write_status(run_dir, "finished", step)
-        elif cfg.train.export_weights == "raw":
-            accelerator.get_state_dict(model)  # collective under ZeRO-3
-    log.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish(s, stopped_by)
     return EXIT_OK
+
+
+def finish(s: Setup, stopped_by: str | None) -> None:
+    """Checkpoint; then either record the stop (for a requeue) or export, and say what comes next."""
+    acc, step = s.accelerator, s.counters.step
+    acc.print(f"[nstage-vae] step {step}: writing the final checkpoint")
+    save(s)
+    if stopped_by is not None:
+        if acc.is_main_process:
+            if os.path.exists(s.stop.stop_file):
+                os.remove(s.stop.stop_file)
+            write_status(s.run_dir, "preempted", step, reason=stopped_by)
+        acc.print(f"[nstage-vae] stopped by {stopped_by} at step {step}; checkpoint committed; "
+                  f"run the same command again to resume")
+    else:
+        export_dir = export(s)
+        if acc.is_main_process:
+            write_status(s.run_dir, "finished", step)
+            _say_next(s, export_dir)
+    s.log.close()
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def export(s: Setup) -> str:
+    cfg, acc = s.cfg, s.accelerator
+    out_dir = os.path.join(s.run_dir, "export")
+    if cfg.train.export_weights == "raw" or s.ema is None:
+        state = acc.get_state_dict(s.model)  # collective under ZeRO-3
+    else:
+        state = s.ema.state_dict()
+    if acc.is_main_process:
+        write_export(state, s.arch, out_dir, provenance={
+            "step": s.counters.step, "weights": cfg.train.export_weights, "run_config": _plain(cfg),
+            "dataset_manifest_sha256": s.manifest_sha})
+    return out_dir
+
+
+def _say_next(s: Setup, export_dir: str) -> None:
+    shards = "" if s.cfg.data.synthetic else f" --shards {s.cfg.data.shards} --split {s.cfg.data.val_split}"
+    print(f"[nstage-vae] finished at step {s.counters.step}; weights exported to {export_dir}\n"
+          f"  samples:    python -m trainer.sample {export_dir} --n 64 --out samples.png\n"
+          f"  evaluation: python -m trainer.evaluate {export_dir}{shards or ' --shards DIR --split test'}", flush=True)
 
 
 def _plain(cfg: Config) -> dict:
@@ -449,6 +609,12 @@ def _progress(accelerator, start: int, total: int):
                 desc="train", mininterval=2.0)
 
 
+def _eager():
+    """Evaluation runs the compiled model eagerly: eval mode would otherwise compile a second graph."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(model, stream, cfg: Config, accelerator, compute_dtype) -> dict[str, float]:
     """Held-out losses with the training weights in eval mode, averaged over ranks (equal batch counts)."""
@@ -457,29 +623,32 @@ def evaluate(model, stream, cfg: Config, accelerator, compute_dtype) -> dict[str
     n = 0
     arch = cfg.model.architecture()
     stream.epoch, limit = 0, cfg.train.eval_batches or None  # the same held-out batches every time
-    for i, batch in enumerate(stream):
-        if limit is not None and i >= limit:
-            break
-        x = to_model_input(batch, accelerator.device, compute_dtype, cfg.train.channels_last)
-        eps = global_eps(cfg, 10**9 + i, 0, accelerator.process_index, accelerator.num_processes, x.shape[0], x.device)
-        with accelerator.autocast():
-            out = model(x, eps=eps)
-        loss, terms = nstage_loss(out, x, arch)
-        for k, v in {"loss": loss, **terms}.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        n += 1
+    with _eager():
+        for i, batch in enumerate(stream):
+            if limit is not None and i >= limit:
+                break
+            x = to_model_input(batch, accelerator.device, compute_dtype, cfg.train.channels_last)
+            eps = global_eps(cfg, 10**9 + i, 0, accelerator.process_index, accelerator.num_processes, x.shape[0],
+                             x.device)
+            loss, terms = forward_loss(model, x, eps, arch, accelerator)
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            n += 1
     means = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
     return mean_over_ranks(means, accelerator.device) if means else {}
 
 
 @torch.no_grad()
-def save_samples(ema, model, arch, cfg: Config, run_dir: str, step: int) -> None:
-    """Per-stage sample grid from the EMA weights (fixed noise, so grids are comparable over time)."""
-    net = NStageVAE(arch)
-    state = ema if ema is not None else {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+def save_samples(ema: EMA | None, model, arch, cfg: Config, run_dir: str, step: int) -> None:
+    """Per-stage sample grid from the EMA weights, on the training device. The noise is drawn on the CPU
+    from a fixed seed, so grids are comparable over time and across devices."""
+    device = next(model.parameters()).device
+    net = NStageVAE(arch).to(device)
+    state = ema.shadow if ema is not None else {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     net.eval()
-    images = net.sample(cfg.train.num_samples, generator=torch.Generator().manual_seed(cfg.train.seed))
+    z = torch.randn(cfg.train.num_samples, arch.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
+    images = [im.float().cpu() for im in net.decode(z.to(device))]
     os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     nrow = int(math.ceil(math.sqrt(cfg.train.num_samples)))
     stage_grid(images, nrow=nrow).save(os.path.join(run_dir, "samples", f"step-{step:07d}.png"))

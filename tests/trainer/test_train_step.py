@@ -1,0 +1,162 @@
+"""Unit tests of the trainer's pieces, in-process: the EMA class and one optimizer step (`train_step`).
+
+    pytest tests/trainer/test_train_step.py
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models import NStageVAE
+from train_helpers import TINY
+from trainer.config import load_config
+from trainer.ema import EMA
+from trainer.loop import setup, train_step
+
+
+def reference_ema_update(ema: dict, model: torch.nn.Module, decay: float, updates: int) -> None:
+    """The trainer's EMA update before it became a class: a Python loop of lerp_ per tensor."""
+    d = min(decay, (1 + updates) / (10 + updates))
+    for k, v in model.state_dict().items():
+        k = k.removeprefix("_orig_mod.")
+        if v.is_floating_point():
+            ema[k].lerp_(v.detach().float(), 1 - d)
+        else:
+            ema[k].copy_(v)
+
+
+def _bn_model() -> NStageVAE:
+    cfg = load_config("mnist", [o for o in TINY if o.startswith("model.")] + ["model.norm=batch"])
+    torch.manual_seed(0)
+    return NStageVAE(cfg.model.architecture())
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for v in model.state_dict().values():
+        if v.is_floating_point():
+            v.add_(torch.randn(v.shape, generator=g) * 0.1)
+        else:
+            v.add_(1)  # BN's num_batches_tracked
+
+
+def test_ema_update_matches_the_reference_exactly():
+    model = _bn_model()
+    ema = EMA(model, decay=0.999)
+    ref = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+           for k, v in model.state_dict().items()}
+    for updates in range(1, 40):
+        _perturb(model, updates)
+        ema.update(model, updates)
+        reference_ema_update(ref, model, 0.999, updates)
+    assert ema.shadow.keys() == ref.keys()
+    diff = [k for k in ref if not torch.equal(ema.shadow[k], ref[k])]
+    assert not diff, f"{len(diff)} tensors differ from the reference update, e.g. {diff[:3]}"
+    ints = [k for k, v in ref.items() if not v.is_floating_point()]
+    assert ints and all(torch.equal(ema.shadow[k], model.state_dict()[k]) for k in ints), "integer buffers are copied"
+
+
+def test_ema_is_fp32_on_the_models_device_whatever_the_models_dtype():
+    model = _bn_model().to(torch.bfloat16)
+    ema = EMA(model, decay=0.9)
+    device = next(model.parameters()).device
+    assert all(v.device == device for v in ema.shadow.values())
+    assert all(v.dtype == torch.float32 for v in ema.shadow.values() if v.is_floating_point())
+    before = copy.deepcopy(ema.shadow)
+    _perturb(model, 1)
+    ema.update(model, 100)
+    changed = [k for k, v in ema.shadow.items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed and all(ema.shadow[k].dtype == torch.float32 for k in changed)
+
+
+def test_ema_state_dict_round_trip_and_mismatch():
+    model = _bn_model()
+    a = EMA(model, decay=0.99)
+    _perturb(model, 3)
+    a.update(model, 5)
+    state = a.state_dict()
+    assert all(v.device.type == "cpu" for v in state.values())
+    b = EMA(_bn_model(), decay=0.99)
+    b.load_state_dict(state)
+    assert all(torch.equal(b.shadow[k], a.shadow[k]) for k in a.shadow)
+    state["encoder.extra"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="unexpected"):
+        b.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+@pytest.fixture
+def fresh_accelerate(monkeypatch):
+    """Each in-process set-up gets its own accelerate state (a process-wide singleton)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield monkeypatch
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _setup(tmp_path, *overrides):
+    cfg = load_config("mnist", [*TINY, "train.batch_size=8", "run.tensorboard=false", "model.norm=batch",
+                                f"run.dir={tmp_path / 'run'}", *overrides])
+    return setup(cfg)
+
+
+def _snapshot(s) -> dict:
+    opt = s.optimizer.state_dict()
+    return {"model": {k: v.clone() for k, v in s.accelerator.unwrap_model(s.model).state_dict().items()},
+            "opt": copy.deepcopy(opt["state"]), "ema": {k: v.clone() for k, v in s.ema.shadow.items()},
+            "updates": s.counters.updates}
+
+
+def _assert_unchanged(before: dict, after: dict) -> None:
+    assert after["updates"] == before["updates"]
+    for part in ("model", "ema"):
+        diff = [k for k in before[part] if not torch.equal(before[part][k], after[part][k])]
+        assert not diff, f"{part}: {diff[:3]} changed on a skipped step"
+    for i, st in before["opt"].items():
+        for k, v in st.items():
+            assert torch.equal(v, after["opt"][i][k]), f"optimizer state {i}.{k} changed on a skipped step"
+
+
+def _batches(s):
+    while True:
+        yield from s.train_stream
+
+
+def test_a_non_finite_step_changes_nothing_and_the_next_one_updates(tmp_path, fresh_accelerate):
+    s = _setup(tmp_path)
+    it = _batches(s)
+    for _ in range(2):
+        assert not train_step(s, it).skipped
+    assert s.ema.device == s.accelerator.device  # built after prepare, on the model's device
+    before = _snapshot(s)
+    s.cfg.train.inject_nan = f"{s.counters.step + 1}:0"
+    out = train_step(s, it)
+    assert out.skipped and not out.overflow and s.counters.step == 3 and s.counters.bad_streak == 1
+    _assert_unchanged(before, _snapshot(s))
+    s.cfg.train.inject_nan = ""
+    out = train_step(s, it)
+    assert not out.skipped and s.counters.updates == 3 and s.counters.bad_streak == 0
+
+
+def test_an_fp16_overflow_step_changes_nothing_and_lowers_the_scale(tmp_path, fresh_accelerate):
+    fresh_accelerate.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    s = _setup(tmp_path, "train.inject_overflow=3")
+    assert s.scaler is not None, "CPU fp16 runs with torch's GradScaler"
+    it = _batches(s)
+    for _ in range(2):
+        assert not train_step(s, it).overflow
+    before, scale = _snapshot(s), s.scaler.get_scale()
+    out = train_step(s, it)
+    assert out.overflow and not out.skipped and s.counters.overflow_streak == 1
+    _assert_unchanged(before, _snapshot(s))
+    assert s.scaler.get_scale() == scale / 2
+    out = train_step(s, it)
+    assert not out.overflow and s.counters.updates == 3 and s.counters.overflow_streak == 0

@@ -1,0 +1,75 @@
+"""The exponential moving average of a model's weights: what the trainer exports and samples from.
+
+The EMA keeps fp32 copies of every floating-point parameter and buffer (BN statistics included) on the
+model's device and blends them in with foreach ops: one kernel launch per group of tensors instead of a
+Python loop of 2 x 131 small ops. Integer buffers (BN's `num_batches_tracked`) are copied, not averaged.
+
+`torch.optim.swa_utils.AveragedModel` is not used: it deep-copies the module (a bf16 copy under DeepSpeed,
+an empty shell under ZeRO-3), its first update copies instead of blending, and it averages integer buffers.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _strip(name: str) -> str:
+    return name.removeprefix("_orig_mod.")  # torch.compile's wrapper prefix
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """A short warm-up, so that early exports are not the initial weights."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+class EMA:
+    """fp32 EMA of `model.state_dict()`'s floating-point entries; integer entries are copied."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] = {}
+        for k, v in model.state_dict().items():
+            v = v.detach()
+            self.shadow[_strip(k)] = v.float().clone() if v.is_floating_point() else v.clone()
+        self._float_keys = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        self._int_keys = [k for k, v in self.shadow.items() if not v.is_floating_point()]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.shadow.values())).device
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, updates: int) -> None:
+        """Blend in the model's current weights; `updates` is the optimizer-update count after this one."""
+        state = {_strip(k): v.detach() for k, v in model.state_dict().items()}
+        weight = 1 - ema_decay_at(self.decay, updates)
+        ema = [self.shadow[k] for k in self._float_keys]
+        cur = [state[k] if state[k].dtype == torch.float32 else state[k].float() for k in self._float_keys]
+        torch._foreach_lerp_(ema, cur, weight)
+        for k in self._int_keys:
+            self.shadow[k].copy_(state[k])
+
+    def to(self, device) -> "EMA":
+        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies, the layout of `ema.safetensors` and of the export's weights."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, extra = sorted(set(self.shadow) - set(state)), sorted(set(state) - set(self.shadow))
+        if missing or extra:
+            raise KeyError(f"EMA state does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, v in self.shadow.items():
+            v.copy_(state[k].to(v.dtype))
+
+
+def full_params(model: torch.nn.Module, is_ds: bool):
+    """Under ZeRO-3 each rank holds a slice of every parameter: gather them for the EMA (costly, but
+    the EMA is what gets exported). Elsewhere a no-op."""
+    if is_ds and any(hasattr(p, "ds_id") for p in model.parameters()):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
