@@ -22,6 +22,7 @@ from models import MODEL_PRESETS, ModelConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DEFAULT_CONFIG = "mnist"
+DEFAULT_SHARDS = "data/mnist28"
 
 
 @dataclass
@@ -38,12 +39,15 @@ class ModelSection(ModelConfig):
 
 @dataclass
 class DataConfig:
-    shards: str = "data/mnist28"  # directory (or URL prefix) holding manifest.json and the tar shards
+    shards: str = DEFAULT_SHARDS  # directory (or URL prefix) holding manifest.json and the tar shards
     train_split: str = "train"
     val_split: str = "test"
     synthetic: bool = False  # deterministic synthetic stream: rank r takes its slice of one global batch
     synthetic_size: int = 4096  # samples per synthetic "epoch"
     auto_build: str = ""  # "mnist": build the shards from the packaged MNIST when manifest.json is missing
+    # The one path auto_build builds at, so that a mistyped data.shards fails instead of building there.
+    # load_config sets it to the preset's own data.shards; setting it on the command line opts another path in.
+    auto_build_at: str = DEFAULT_SHARDS
     num_workers: int = 2
     shuffle_buffer: int = 2000
     tolerant: bool = False  # skip (count and log) corrupt samples instead of failing, up to max_errors
@@ -213,6 +217,7 @@ def load_config(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None
     base = Config(model=ModelSection(**{f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}, preset=preset))
     cfg = OmegaConf.structured(base)
     _apply(cfg, file_items, path)
+    cfg.data.auto_build_at = cfg.data.shards  # before the command line, which may move data.shards
     _apply(cfg, cli_items, "command line")
     out: Config = OmegaConf.to_object(cfg)
     out.run.name = out.run.name or name

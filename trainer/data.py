@@ -68,7 +68,8 @@ class SyntheticStream:
 
 
 def ensure_shards(cfg: Config, is_main: bool) -> None:
-    """Build the default MNIST shards on the main process when they are missing (`data.auto_build`)."""
+    """Build the MNIST shards on the main process when they are missing (`data.auto_build`), but only at
+    the preset's own path (`data.auto_build_at`): a mistyped data.shards fails instead of building there."""
     if cfg.data.synthetic or "://" in cfg.data.shards or cfg.data.shards.startswith("pipe:"):
         return
     manifest = os.path.join(cfg.data.shards, "manifest.json")
@@ -77,10 +78,30 @@ def ensure_shards(cfg: Config, is_main: bool) -> None:
     if cfg.data.auto_build != "mnist":
         raise FileNotFoundError(f"{manifest} not found: write shards first (python -m shards.write ...) "
                                 f"and point data.shards at them, or use data.synthetic=true")
+    if os.path.abspath(cfg.data.shards) != os.path.abspath(cfg.data.auto_build_at):
+        size = "" if cfg.model.image_size == 28 else f" --size {cfg.model.image_size}"
+        raise FileNotFoundError(f"{manifest} not found. data.auto_build builds MNIST only at the preset's own "
+                                f"path {cfg.data.auto_build_at}, not at a data.shards given in its place: fix "
+                                f"data.shards, or build MNIST there first with "
+                                f"`python -m shards.write mnist --out {cfg.data.shards}{size}`")
     if is_main:
         from shards.write import write_mnist
         print(f"[nstage-vae] {cfg.data.shards} is missing: building MNIST shards from the packaged data", flush=True)
         write_mnist(cfg.data.shards, size=cfg.model.image_size)
+
+
+def held_out_workers(cfg: Config, manifest: dict, split: str, world_size: int) -> int:
+    """Workers for a held-out split: as many as it can feed, up to data.num_workers (0, in-process, stays 0).
+
+    ShardStream cuts a split into world_size x max(1, workers) slots of whole batches, so a small split
+    cannot fill the training stream's workers."""
+    samples = sum(int(s["num_samples"]) for s in manifest["splits"][split]["shards"])
+    fit = samples // (world_size * cfg.train.batch_size)
+    if fit < 1:
+        raise ValueError(f"the held-out split {split!r} of {cfg.data.shards} has {samples} samples, fewer than one "
+                         f"batch per rank ({world_size} ranks x train.batch_size={cfg.train.batch_size}): use a "
+                         f"smaller train.batch_size, fewer processes, or a bigger split")
+    return min(cfg.data.num_workers, fit)
 
 
 def build_stream(cfg: Config, split: str, rank: int, world_size: int, *, train: bool):
@@ -88,13 +109,17 @@ def build_stream(cfg: Config, split: str, rank: int, world_size: int, *, train: 
         return SyntheticStream(cfg.train.batch_size, rank=rank, world_size=world_size,
                                seed=cfg.train.seed + (0 if train else 7919), image_size=cfg.model.image_size,
                                channels=cfg.model.channels, size=cfg.data.synthetic_size)
-    from shards.stream import ShardStream
+    from shards.stream import ShardStream, load_manifest
+    manifest = load_manifest(cfg.data.shards)
+    workers = cfg.data.num_workers
+    if not train and split in manifest["splits"]:  # else ShardStream names the splits there are
+        workers = held_out_workers(cfg, manifest, split, world_size)
     stream = ShardStream(cfg.data.shards, split, cfg.train.batch_size, rank=rank, world_size=world_size,
-                         num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                         num_workers=workers, seed=cfg.train.seed,
                          shuffle_buffer=cfg.data.shuffle_buffer if train else 0,
-                         tolerant=cfg.data.tolerant, max_errors=cfg.data.max_errors)
-    image = stream.manifest["image"] if hasattr(stream, "manifest") else None
-    if image and (image.get("size"), image.get("channels")) != (cfg.model.image_size, cfg.model.channels):
+                         tolerant=cfg.data.tolerant, max_errors=cfg.data.max_errors, manifest=manifest)
+    image = manifest["image"]
+    if (image.get("size"), image.get("channels")) != (cfg.model.image_size, cfg.model.channels):
         raise ValueError(f"{cfg.data.shards} holds {image.get('size')} px, {image.get('channels')}-channel images "
                          f"but the model expects model.image_size={cfg.model.image_size}, "
                          f"model.channels={cfg.model.channels}; rebuild the shards or change the model")

