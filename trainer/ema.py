@@ -26,8 +26,11 @@ def ema_decay_at(decay: float, updates: int) -> float:
 class EMA:
     """fp32 EMA of `model.state_dict()`'s floating-point entries; integer entries are copied."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: torch.nn.Module, decay: float, *, stable_tensors: bool = False):
+        """`stable_tensors`: the model's parameter and buffer objects never change (not so under DeepSpeed,
+        whose ZeRO-3 gathers them anew), so the list of them is read once instead of every update."""
+        self.decay, self.stable = decay, stable_tensors
+        self._sources: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.shadow: dict[str, torch.Tensor] = {}
         for k, v in model.state_dict().items():
             v = v.detach()
@@ -39,16 +42,22 @@ class EMA:
     def device(self) -> torch.device:
         return next(iter(self.shadow.values())).device
 
+    def _read_sources(self, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        state = {_strip(k): v.detach() for k, v in model.state_dict(keep_vars=True).items()}  # views, no copies
+        return [state[k] for k in self._float_keys], [state[k] for k in self._int_keys]
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module, updates: int) -> None:
         """Blend in the model's current weights; `updates` is the optimizer-update count after this one."""
-        state = {_strip(k): v.detach() for k, v in model.state_dict().items()}
-        weight = 1 - ema_decay_at(self.decay, updates)
+        sources = self._sources if self._sources is not None else self._read_sources(model)
+        if self.stable:
+            self._sources = sources
+        floats, ints = sources
         ema = [self.shadow[k] for k in self._float_keys]
-        cur = [state[k] if state[k].dtype == torch.float32 else state[k].float() for k in self._float_keys]
-        torch._foreach_lerp_(ema, cur, weight)
-        for k in self._int_keys:
-            self.shadow[k].copy_(state[k])
+        cur = [v if v.dtype == torch.float32 else v.float() for v in floats]
+        torch._foreach_lerp_(ema, cur, 1 - ema_decay_at(self.decay, updates))
+        for k, v in zip(self._int_keys, ints):
+            self.shadow[k].copy_(v)
 
     def to(self, device) -> "EMA":
         self.shadow = {k: v.to(device) for k, v in self.shadow.items()}

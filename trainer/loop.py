@@ -100,6 +100,15 @@ def global_eps(cfg: Config, step: int, micro: int, rank: int, world: int, batch:
     return eps[rank * batch:(rank + 1) * batch]
 
 
+def grad_norm_and_clip(accelerator, model, max_norm: float) -> torch.Tensor:
+    """The global gradient norm (of the unscaled gradients under fp16), clipped to max_norm when > 0.
+    Without clipping only the norm is computed (no multiply of every gradient by 1.0)."""
+    if max_norm > 0 or not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6 has no get_total_norm
+        return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf")))
+    accelerator.unscale_gradients()
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+
+
 def forward_loss(model, x: torch.Tensor, eps: torch.Tensor, arch: ModelConfig, accelerator):
     """The forward pass and the per-stage losses: the piece without host branches or I/O."""
     with accelerator.autocast():
@@ -290,7 +299,7 @@ def setup(cfg: Config) -> Setup:
     ema = None
     if cfg.train.ema_decay > 0:  # after prepare: on the device, from the weights as placed
         with full_params(model, is_ds):
-            ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay)
+            ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay, stable_tensors=not is_ds)
     # The LR is a pure function of the optimizer-update count, set each step: no scheduler state, and
     # no accelerate scheduler wrapper (which steps num_processes times per call).
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -413,8 +422,8 @@ def train_step(s: Setup, batches) -> StepOut:
         grad_norm = torch.full((), float("nan"), device=s.device)
         bad_local = ~torch.isfinite(terms[0])
     else:
-        # Unscales first under fp16; an overflow shows as a non-finite norm with a finite loss.
-        grad_norm = torch.as_tensor(acc.clip_grad_norm_(s.model.parameters(), cfg.train.clip_grad or float("inf")))
+        # Unscaled first under fp16; an overflow shows as a non-finite norm with a finite loss.
+        grad_norm = grad_norm_and_clip(acc, s.model, cfg.train.clip_grad)
         bad_local = ~torch.isfinite(terms[0])
         if s.scaler is None:
             bad_local = bad_local | ~torch.isfinite(grad_norm)
@@ -436,7 +445,11 @@ def train_step(s: Setup, batches) -> StepOut:
         c.bad_streak = 0
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
-        out.overflow = bool(acc.optimizer_step_was_skipped)
+        # Under a GradScaler the clip's norm is of the unscaled gradients: non-finite exactly when the scaler
+        # found an overflow and skipped. (accelerate's step_was_skipped cannot tell: a fused optimizer is
+        # always called and skips on the device.) DeepSpeed's own scaler reports through accelerate.
+        out.overflow = (s.scaler is not None and not math.isfinite(out.grad_norm)) or (
+            s.is_ds and bool(acc.optimizer_step_was_skipped))
         c.overflow_streak = c.overflow_streak + 1 if out.overflow else 0
         if out.overflow:  # neither the LR nor the EMA advances
             s.buffers.restore()

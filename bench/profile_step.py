@@ -1,0 +1,164 @@
+"""Where one optimizer step of the trainer spends its time: `train_step` under torch.profiler.
+
+    python bench/profile_step.py                                           # mnist preset, this machine
+    python bench/profile_step.py --config celeba128 --batch 32 --device cuda --mixed-precision bf16
+    python bench/profile_step.py --config celeba128 --batch 32 --device cuda --mixed-precision bf16 --compile
+    python bench/profile_step.py --config celeba128 --batch 32 --device cuda --trace step.json   # Chrome trace
+
+It builds the trainer exactly as `trainer/run.py` does (`trainer.loop.setup`, synthetic data), runs
+`--warmup` steps, then profiles `--steps` calls of `trainer.loop.train_step` and prints, per step:
+- wall time, and on a GPU the time its kernels kept the GPU busy (the rest is launch and host overhead);
+- host-device synchronisations (`aten::_local_scalar_dense`: `.item()`/`.tolist()`; `cudaStreamSynchronize`,
+  `cudaDeviceSynchronize`; host-to-device copies) and the number of operator calls;
+- the operators that take the most self time on the device and on the host.
+The same for a plain forward/loss/backward/Adam step over the same model (`--no-plain` to skip it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from models import NStageVAE, nstage_loss  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.data import to_model_input  # noqa: E402
+
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def _forever(stream):
+    while True:
+        yield from stream
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def summarize(prof, steps: int, wall_s: float, device: torch.device, top: int, title: str) -> dict:
+    events = prof.key_averages()
+    counts = {e.key: e.count for e in events}
+    calls = sum(e.count for e in events if e.key.startswith("aten::"))
+    syncs = {k: counts.get(k, 0) / steps for k in SYNC_EVENTS if counts.get(k, 0)}
+    h2d = sum(e.count for e in events if e.key in ("cudaMemcpyAsync", "cudaMemcpy")) / steps
+    busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / steps \
+        if device.type == "cuda" else None
+    print(f"\n== {title}: {steps} steps")
+    print(f"wall per step: {wall_s / steps * 1e3:.2f} ms" +
+          (f"; GPU busy per step: {busy:.2f} ms ({busy / (wall_s / steps * 1e3):.0%})" if busy is not None else ""))
+    print(f"aten calls per step: {calls / steps:.0f}; syncs per step: {syncs or 0}; cudaMemcpy(Async) per step: {h2d:.1f}")
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=top, max_name_column_width=60))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
+    return {k: v / steps for k, v in counts.items()}
+
+
+def profile_trainer(cfg, a, device) -> None:
+    from trainer.loop import setup, train_step
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg.run.dir, cfg.run.tensorboard = d, False
+        s = setup(cfg)
+        it = _forever(s.train_stream)
+        s.model.train()
+        for _ in range(a.warmup):
+            train_step(s, it)
+        _sync(device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            for _ in range(a.steps):
+                train_step(s, it)
+            _sync(device)
+            wall = time.perf_counter() - t
+        counts = summarize(prof, a.steps, wall, device, a.top, "trainer.loop.train_step")
+        if a.trace:
+            prof.export_chrome_trace(a.trace)
+            print(f"trace: {a.trace}")
+        s.accelerator.end_training()
+    return counts
+
+
+def profile_plain(cfg, a, device) -> None:
+    from trainer.data import SyntheticStream
+
+    arch = cfg.model.architecture()
+    torch.manual_seed(0)
+    model = NStageVAE(arch).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas), **fused)
+    fwd = torch.compile(model) if cfg.train.compile else model
+    stream = SyntheticStream(cfg.train.batch_size, image_size=arch.image_size, channels=arch.channels,
+                             size=cfg.data.synthetic_size)
+    it = _forever(stream)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.mixed_precision)
+
+    def step():
+        x = to_model_input(next(it), device, None, cfg.train.channels_last)
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = fwd(x)
+        loss, _ = nstage_loss(out, x, arch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(a.warmup):
+        step()
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        _sync(device)
+        wall = time.perf_counter() - t
+    return summarize(prof, a.steps, wall, device, a.top, "plain loop")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="mnist")
+    p.add_argument("--batch", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--trace", default="", help="write the trainer step's Chrome trace here")
+    p.add_argument("--no-plain", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    overrides = ["data.synthetic=true", "data.synthetic_size=100000", f"train.compile={a.compile}",
+                 "train.ema_decay=0.999", *a.overrides]
+    if a.batch:
+        overrides.append(f"train.batch_size={a.batch}")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = a.mixed_precision
+    if a.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    device = torch.device(a.device)
+    print(f"config={a.config} device={a.device} precision={a.mixed_precision} compile={a.compile} "
+          f"torch={torch.__version__}")
+    ours = profile_trainer(load_config(a.config, overrides), a, device)
+    if not a.no_plain:
+        plain = profile_plain(load_config(a.config, overrides), a, device)
+        diff = sorted(((ours.get(k, 0) - plain.get(k, 0), k) for k in set(ours) | set(plain)), reverse=True)
+        print("\n== calls per step, trainer minus plain (the trainer's extra work):")
+        for n, k in [d for d in diff if d[0] >= 0.5][:a.top]:
+            print(f"  {n:+7.1f}  {k}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
