@@ -28,14 +28,9 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from models import NStageVAE, nstage_loss  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.data import to_model_input  # noqa: E402
+from trainer.data import forever, to_model_input  # noqa: E402
 
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-
-
-def _forever(stream):
-    while True:
-        yield from stream
 
 
 def _sync(device: torch.device) -> None:
@@ -68,16 +63,15 @@ def profile_trainer(cfg, a, device) -> None:
     with tempfile.TemporaryDirectory() as d:
         cfg.run.dir, cfg.run.tensorboard = d, False
         s = setup(cfg)
-        it = _forever(s.train_stream)
         s.model.train()
         for _ in range(a.warmup):
-            train_step(s, it)
+            train_step(s)
         _sync(device)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             t = time.perf_counter()
             for _ in range(a.steps):
-                train_step(s, it)
+                train_step(s)
             _sync(device)
             wall = time.perf_counter() - t
         counts = summarize(prof, a.steps, wall, device, a.top, "trainer.loop.train_step")
@@ -101,7 +95,7 @@ def profile_plain(cfg, a, device) -> None:
     fwd = torch.compile(model) if cfg.train.compile else model
     stream = SyntheticStream(cfg.train.batch_size, image_size=arch.image_size, channels=arch.channels,
                              size=cfg.data.synthetic_size)
-    it = _forever(stream)
+    it = forever(stream)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.mixed_precision)
 
     def step():

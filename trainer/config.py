@@ -75,7 +75,9 @@ class TrainConfig:
     sample_every: int = 500
     num_samples: int = 64  # images per sample grid
     seed: int = 0
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model's forward and, separately, the per-stage losses
+    # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     channels_last: bool = True
     init_from: str = ""  # an export directory to start from (fine-tuning); ignored when resuming
     max_bad_steps: int = 5  # abort after this many consecutive non-finite steps
@@ -112,6 +114,9 @@ class Config:
             raise ValueError(f"train.lr: must be a positive number, got {t.lr}")
         if not 0 <= t.ema_decay < 1:
             raise ValueError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if t.compile_mode not in modes:
+            raise ValueError(f"train.compile_mode: must be one of {', '.join(modes)}, got {t.compile_mode!r}")
         if t.export_weights not in ("ema", "raw"):
             raise ValueError(f"train.export_weights: must be 'ema' or 'raw', got {t.export_weights!r}")
         if t.export_weights == "ema" and t.ema_decay == 0:

@@ -126,6 +126,50 @@ def build_stream(cfg: Config, split: str, rank: int, world_size: int, *, train: 
     return stream
 
 
+class Prefetcher:
+    """Hands out training batches already on the device, and loads the next one while the step runs.
+
+    The trainer calls `take()` for a micro-batch's input and `fetch()` once its backward is queued: the
+    next batch is read, copied from pinned memory and normalised while the GPU works, instead of after
+    the step's host sync. `state_dict()` is the stream's position after the batches handed out, not
+    after the one held, so a checkpoint resumes exactly where the optimizer left off."""
+
+    def __init__(self, stream, device, dtype: torch.dtype | None, channels_last: bool):
+        self.stream, self.device, self.dtype, self.channels_last = stream, torch.device(device), dtype, channels_last
+        self._it = forever(stream)
+        self._held: torch.Tensor | None = None
+        self._state: dict | None = None
+
+    def fetch(self) -> None:
+        if self._held is not None:
+            return
+        self._state = self.stream.state_dict()
+        batch = next(self._it)
+        if self.device.type == "cuda":
+            batch = {**batch, "image": batch["image"].pin_memory()}
+        self._held = to_model_input(batch, self.device, self.dtype, self.channels_last)
+
+    def take(self) -> torch.Tensor:
+        self.fetch()
+        x, self._held = self._held, None
+        return x
+
+    def state_dict(self) -> dict:
+        return self._state if self._held is not None else self.stream.state_dict()
+
+
+def forever(stream):
+    """Epoch after epoch of a stream; an epoch without a batch is an error, not an endless loop."""
+    while True:
+        yielded = False
+        for batch in stream:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError("the training stream yielded no batch in a whole epoch: too few samples for "
+                               "train.batch_size x world size x data.num_workers")
+
+
 def to_model_input(batch: dict, device, dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float in [-1, 1] on the device; the one place data is normalised."""
     x = batch["image"].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)

@@ -2,7 +2,7 @@
 
     s = setup(cfg)                       # accelerator, model, optimizer, EMA, streams, counters, resume
     while s.step < max_steps:
-        out = train_step(s, batches)     # micro-batches, finite check, clip, step or skip, EMA
+        out = train_step(s)     # micro-batches, finite check, clip, step or skip, EMA
         periodic(s, out)                 # log, eval, samples, checkpoint
     finish(s)                            # checkpoint, then export (or stop for a requeue)
 
@@ -32,7 +32,7 @@ from models import ModelConfig, NStageVAE, nstage_loss
 
 from . import checkpoint as ckpt_lib
 from .config import Config, to_yaml
-from .data import build_stream, ensure_shards, to_model_input
+from .data import Prefetcher, build_stream, ensure_shards, to_model_input
 from .ema import EMA, full_params
 from .export import manifest_sha256, write_export
 from .images import stage_grid
@@ -109,11 +109,11 @@ def grad_norm_and_clip(accelerator, model, max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def forward_loss(model, x: torch.Tensor, eps: torch.Tensor, arch: ModelConfig, accelerator):
+def forward_loss(model, x: torch.Tensor, eps: torch.Tensor, arch: ModelConfig, accelerator, loss_fn=nstage_loss):
     """The forward pass and the per-stage losses: the piece without host branches or I/O."""
     with accelerator.autocast():
         out = model(x, eps=eps)
-    return nstage_loss(out, x, arch)
+    return loss_fn(out, x, arch)
 
 
 class BufferBackup:
@@ -151,10 +151,12 @@ class Setup:
     accelerator: object
     arch: ModelConfig
     model: torch.nn.Module  # as prepared: DDP / DeepSpeed engine around (compiled) NStageVAE
+    loss_fn: object  # models.nstage_loss, compiled with the model
     optimizer: object
     ema: EMA | None
     train_stream: object
     val_stream: object
+    batches: Prefetcher  # the training stream's batches, on the device, one ahead
     log: MetricsLog
     stop: StopRequest
     run_dir: str
@@ -291,8 +293,10 @@ def setup(cfg: Config) -> Setup:
     arch = cfg.model.architecture()
     model = build_model(cfg, arch, accelerator.device, is_ds, fresh=resume_state is None)
     optimizer = make_optimizer(cfg, model, accelerator.device, is_ds)
+    loss_fn = nstage_loss
     if cfg.train.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.train.compile_mode)
+        loss_fn = torch.compile(nstage_loss)  # fuses the per-stage losses' elementwise kernels
     if is_ds:
         patch_deepspeed_config(cfg, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -304,9 +308,9 @@ def setup(cfg: Config) -> Setup:
     # no accelerate scheduler wrapper (which steps num_processes times per call).
     rank, world = accelerator.process_index, accelerator.num_processes
     s = Setup(
-        cfg=cfg, accelerator=accelerator, arch=arch, model=model, optimizer=optimizer, ema=ema,
+        cfg=cfg, accelerator=accelerator, arch=arch, model=model, loss_fn=loss_fn, optimizer=optimizer, ema=ema,
         train_stream=build_stream(cfg, cfg.data.train_split, rank, world, train=True),
-        val_stream=build_stream(cfg, cfg.data.val_split, rank, world, train=False),
+        val_stream=build_stream(cfg, cfg.data.val_split, rank, world, train=False), batches=None,
         log=None, stop=stop, run_dir=cfg.run.dir, config_yaml=config_yaml,
         manifest_sha=manifest_sha256(cfg.data.shards) if not cfg.data.synthetic else None,
         compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision) if is_ds else None,
@@ -317,6 +321,7 @@ def setup(cfg: Config) -> Setup:
         buffers=BufferBackup(accelerator.unwrap_model(model)))
     if resume_state is not None:
         resume(s, resume_path, resume_state)
+    s.batches = Prefetcher(s.train_stream, accelerator.device, s.compute_dtype, cfg.train.channels_last)
     s.log = MetricsLog(s.run_dir, accelerator.is_main_process, cfg.run.tensorboard,
                        s.counters.step if resume_state else None)
     info = run_info(accelerator, cfg)  # collective: every rank sends its host
@@ -373,25 +378,26 @@ def _nan_injected(cfg: Config, step: int, rank: int) -> bool:
     return step + 1 >= nan_step and rank == nan_rank
 
 
-def _micro_batches(s: Setup, batches) -> tuple[list[str], torch.Tensor]:
+def _micro_batches(s: Setup) -> tuple[list[str], torch.Tensor]:
     """Forward, loss and backward of each micro-batch; returns the term names and their mean on the device."""
     cfg, acc, c = s.cfg, s.accelerator, s.counters
     total, names = None, None
     for micro in range(cfg.train.grad_accum):
         with acc.accumulate(s.model):
-            x = to_model_input(next(batches), s.device, s.compute_dtype, cfg.train.channels_last)
+            x = s.batches.take()
             assert x.shape[0] == cfg.train.batch_size, f"rank {s.rank} got a batch of {x.shape[0]}"
             if _nan_injected(cfg, c.step, s.rank):
                 x = x.clone()
                 x[0, 0, 0, 0] = float("nan")
             eps = global_eps(cfg, c.step, micro, s.rank, s.world, x.shape[0], s.device)
-            loss, terms = forward_loss(s.model, x, eps, s.arch, acc)
+            loss, terms = forward_loss(s.model, x, eps, s.arch, acc, s.loss_fn)
             # DeepSpeed steps inside backward, so there a non-finite loss on any rank skips the
             # backward on every rank (they agree through the reduced flag).
             if s.is_ds and all_reduce_max((~torch.isfinite(loss)).float().reshape(1)).item():
                 loss = torch.full_like(loss, float("nan"))
             else:
                 acc.backward(loss)
+            s.batches.fetch()  # the next input, while the backward runs
             names = ["loss", *terms]
             vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
             total = vals if total is None else total + vals
@@ -408,7 +414,7 @@ def _inject_overflow(s: Setup) -> float | None:
     return scale * s.scaler.get_backoff_factor()
 
 
-def train_step(s: Setup, batches) -> StepOut:
+def train_step(s: Setup) -> StepOut:
     """One optimizer step: micro-batches, finite check and stop flags (one all-reduce), clip, step or
     skip, EMA. Reads the device once (the reduced flags, the terms and the grad norm together)."""
     cfg, acc, c = s.cfg, s.accelerator, s.counters
@@ -417,7 +423,7 @@ def train_step(s: Setup, batches) -> StepOut:
         group["lr"] = lr
     restore_scale = _inject_overflow(s) if cfg.train.inject_overflow else None
     s.buffers.save()
-    names, terms = _micro_batches(s, batches)
+    names, terms = _micro_batches(s)
     if s.is_ds:
         grad_norm = torch.full((), float("nan"), device=s.device)
         bad_local = ~torch.isfinite(terms[0])
@@ -517,6 +523,9 @@ class Periodic:
         progress.update(1)
         if step % t.log_every == 0 or out.skipped or out.overflow or last:
             progress.set_postfix(loss=f"{self.log(out)['loss']:.4f}")
+        if last:
+            progress.close()
+            s.accelerator.print(f"[nstage-vae] step {step}: last step; evaluating, sampling, then checkpoint and export")
         if step % t.eval_every == 0 or last:
             s.log.write({"step": step, **evaluate(s.model, s.val_stream, s.cfg, s.accelerator, s.compute_dtype)})
             s.model.train()
@@ -530,7 +539,7 @@ def save(s: Setup) -> None:
     t0 = time.time()
     ckpt_lib.save_checkpoint(s.accelerator, s.run_dir, s.counters.step, trainer_state=s.trainer_state(),
                              ema=s.ema.state_dict() if s.ema is not None else None,
-                             stream_state=s.train_stream.state_dict(), config_yaml=s.config_yaml,
+                             stream_state=s.batches.state_dict(), config_yaml=s.config_yaml,
                              keep=s.cfg.train.keep_ckpts)
     s.accelerator.print(f"[nstage-vae] checkpoint step-{s.counters.step:07d} committed in {time.time() - t0:.1f} s")
 
@@ -539,14 +548,13 @@ def save(s: Setup) -> None:
 def train(cfg: Config) -> int:
     s = setup(cfg)
     c, t = s.counters, cfg.train
-    batches = _forever(s.train_stream)
     periodic = Periodic(s)
     progress = _progress(s.accelerator, c.step, t.max_steps)
     stopped_by = None
     s.model.train()
     s.t_start = time.time()  # train.max_time counts from here
     while c.step < t.max_steps:
-        out = train_step(s, batches)
+        out = train_step(s)
         check_bad_streak(s, out)
         periodic(out, progress)
         if out.stop or out.timed_out:
@@ -603,17 +611,6 @@ def _say_next(s: Setup, export_dir: str) -> None:
 def _plain(cfg: Config) -> dict:
     import yaml
     return yaml.safe_load(to_yaml(cfg))
-
-
-def _forever(stream):
-    while True:
-        yielded = False
-        for batch in stream:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise RuntimeError("the training stream yielded no batch in a whole epoch: too few samples for "
-                               "train.batch_size x world size x data.num_workers")
 
 
 def _progress(accelerator, start: int, total: int):
