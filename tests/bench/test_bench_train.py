@@ -1,0 +1,136 @@
+"""bench/train.py on the CPU, as a user runs it: its JSON and its last `ratio=` line on a tiny model, the
+hand-written reference loop on the real celeba128 model, and that reference's parity with NStageVAE."""
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "bench" / "train.py"
+# A tiny 2-stage model on 28 px synthetic images (as tests/trainer's TINY): a few ms per step on one thread.
+TINY = ["data.synthetic_size=160", "model.latent_dim=16", "model.encoder.channels=[8,16]",
+        "model.stages.0.channels=[16,8]", "model.stages.1.width=8", "model.stages.1.num_blocks=1"]
+
+
+def run_bench(cwd: Path, *args: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "TORCHELASTIC_")) and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_bench_prints_the_table_and_ratio_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    lines = run_bench(tmp_path, "--steps", "4", "--interval", "2", "--repeats", "2", "--batch", "8",
+                      "--json", str(out), "--sweep", "--sweep-max", "16", *TINY)
+    d = json.loads(out.read_text())
+
+    assert lines[-1].startswith("ratio="), lines[-5:]
+    assert float(lines[-1].removeprefix("ratio=")) == pytest.approx(d["ratio"]["eager"], abs=1e-3)
+    assert d["modes"] == ["eager"] and d["device"] == "cpu" and d["batch"] == 8
+    assert d["gflops_per_image"] > 0 and d["params"] > 0 and d["paper_images"] == 200_000 * 32
+    assert "celeba128_msvae" in d["skipped"]["handwritten"]  # the reference is that model only
+    assert [(r["loop"], r["mode"]) for r in d["rows"]] == [("plain", "eager"), ("ours", "eager")]
+    for r in d["rows"]:
+        assert len(r["interval_rates"]) == 2  # one timed interval per repeat; the warm-up one dropped
+        assert r["images_per_s"] > 0 and r["elapsed_s"] > 0
+        assert r["hours_to_paper_images"] == pytest.approx(200_000 * 32 / r["images_per_s"] / 3600)
+        assert r["mfu"] is None and r["peak_memory_gib"] is None  # GPU-only columns
+    rows = {(r["loop"], r["mode"]): r["images_per_s"] for r in d["rows"]}
+    assert d["ratio"]["eager"] == pytest.approx(rows["ours", "eager"] / rows["plain", "eager"])
+    assert "| ours | eager |" in "\n".join(lines)
+
+    assert [(p["batch"], p["oom"]) for p in d["sweep"]] == [(8, False), (16, False)]
+    assert all(p["images_per_s"] > 0 for p in d["sweep"])
+
+
+@pytest.mark.slow
+def test_handwritten_loop_runs_on_the_celeba128_model(tmp_path):
+    out = tmp_path / "bench.json"
+    lines = run_bench(tmp_path, "--config", "celeba128", "--batch", "2", "--steps", "2", "--interval", "1",
+                      "--repeats", "1", "--loops", "handwritten", "--channels-last", "--json", str(out))
+    d = json.loads(out.read_text())
+    assert d["params"] == 102_890_374 and d["gflops_per_image"] == pytest.approx(77.5, abs=0.05)
+    assert d["skipped"] == {} and d["ratio"] == {}
+    [row] = d["rows"]
+    assert (row["loop"], row["mode"]) == ("handwritten", "eager") and row["images_per_s"] > 0
+    assert not any(line.startswith("ratio") for line in lines)  # no plain/ours pair to compare
+
+
+def test_handwritten_model_matches_nstage_vae():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import MODEL_PRESETS, NStageVAE, nstage_loss
+
+    spec = importlib.util.spec_from_file_location("handwritten", REPO / "bench" / "handwritten.py")
+    hw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hw)
+    cfg = MODEL_PRESETS["celeba128_msvae"]()
+    with torch.device("meta"):  # shapes only
+        ref, mine = NStageVAE(cfg), hw.HandwrittenVAE()
+        x = torch.zeros(2, 3, 128, 128)
+
+    def shapes(m):
+        return sorted(tuple(p.shape) for p in m.parameters())
+
+    assert shapes(mine) == shapes(ref)
+    assert sum(p.numel() for p in mine.parameters()) == sum(p.numel() for p in ref.parameters()) == 102_890_374
+    assert sorted(tuple(b.shape) for b in mine.buffers()) == sorted(tuple(b.shape) for b in ref.buffers())
+
+    flops = []
+    for loss_of in (lambda: nstage_loss(ref(x), x, cfg)[0], lambda: hw.official_loss(x, *mine(x))):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss_of().backward()
+        flops.append(counter.get_total_flops())
+    assert flops[1] == pytest.approx(flops[0], rel=0.01)
+
+    with torch.device("meta"):
+        mu, logvar, coarse, fine = mine(x)
+        out = ref(x)
+    assert mu.shape == out["mu"].shape == logvar.shape == (2, 512)
+    assert coarse.shape == out["images"][0].shape and fine.shape == out["images"][1].shape == x.shape
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_sweep_stops_at_the_first_batch_that_runs_out_of_memory(monkeypatch):
+    """The sweep's CUDA path, with ours replaced by a loop that runs out of memory from batch 32 on."""
+    bench = load_bench()
+    tried = []
+
+    def our_loop(cfg, steps, interval):
+        tried.append(cfg.train.batch_size)
+        if cfg.train.batch_size >= 32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [10.0 * cfg.train.batch_size] * 3
+
+    monkeypatch.setattr(bench, "our_loop", our_loop)
+    a = argparse.Namespace(config="mnist", batch=8, sweep_max=1024, steps=4, interval=2, peak_tflops=989.0)
+    points = bench.sweep(a, ["data.synthetic=true"], "eager", 1e9, "cpu")
+    assert tried == [8, 16, 32]
+    assert [(p["batch"], p["oom"]) for p in points] == [(8, False), (16, False), (32, True)]
+    assert points[1]["images_per_s"] == 160.0
+
+    def broken(cfg, steps, interval):  # anything else is a bug, not the end of the curve
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(bench, "our_loop", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench.sweep(a, ["data.synthetic=true"], "eager", 1e9, "cpu")
+    assert bench.is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"))
