@@ -128,8 +128,9 @@ def optimizer_for(model: torch.nn.Module, cfg: Config, device: str) -> torch.opt
     return handwritten.make_optimizer(model, device, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
 
 
-def plain_loop(cfg: Config, steps: int, interval: int, device: str, dtype, compile_mode: str | None) -> list[float]:
-    """`compile_mode` None: eager; else compiled as the trainer compiles (the model, and the loss apart)."""
+def plain_loop(cfg: Config, steps: int, interval: int, device: str, dtype, compile_kwargs: dict | None) -> list[float]:
+    """`compile_kwargs` None: eager; else torch.compile's arguments, compiled as the trainer compiles (the
+    model with them, and the loss apart)."""
     torch.manual_seed(cfg.train.seed)
     arch = cfg.model.architecture()
     model = NStageVAE(arch).to(device)
@@ -137,8 +138,8 @@ def plain_loop(cfg: Config, steps: int, interval: int, device: str, dtype, compi
         model = model.to(memory_format=torch.channels_last)
     opt = optimizer_for(model, cfg, device)
     loss_fn = nstage_loss
-    if compile_mode is not None:
-        model = torch.compile(model, mode=compile_mode)
+    if compile_kwargs is not None:
+        model = torch.compile(model, **compile_kwargs)
         loss_fn = torch.compile(nstage_loss)
     it = synthetic_batches(cfg)
 
@@ -306,6 +307,8 @@ def main() -> int:
     p.add_argument("--modes", default="", help="eager,compile (default: both on CUDA, eager on CPU)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode of the compiled rows: default, reduce-overhead, max-autotune, ...")
+    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "cudagraphs"],
+                   help="torch.compile backend of the compiled rows (cudagraphs: eager kernels as CUDA graphs)")
     p.add_argument("--loops", default=",".join(LOOPS), help="which of handwritten,plain,ours to run")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--channels-last", action="store_true")
@@ -349,7 +352,7 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if cuda else None
     print(f"config={a.config} params={params} batch={a.batch} device={a.device}{f' ({gpu})' if gpu else ''} "
           f"precision={a.mixed_precision} channels_last={a.channels_last} modes={','.join(modes)} "
-          f"compile_mode={a.compile_mode} steps={a.steps} interval={a.interval} repeats={a.repeats} "
+          f"compile_mode={a.compile_mode} compile_backend={a.compile_backend} steps={a.steps} interval={a.interval} repeats={a.repeats} "
           f"torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"model_gflops_per_image_fwd_bwd={flops / 1e9:.3f}")
     print(f"host_batch_ms={host_batch_ms(cfg, a.device):.2f} (one synthetic batch made on the host and copied: "
@@ -370,14 +373,15 @@ def main() -> int:
         compiled = mode == "compile"
         # compile_mode only when asked for, so the default run needs no trainer that knows the key
         how = [f"train.compile_mode={a.compile_mode}"] if compiled and a.compile_mode != "default" else []
+        how += [f"train.compile_backend={a.compile_backend}"] if compiled and a.compile_backend != "inductor" else []
         return [*overrides, f"train.compile={compiled}", *how]
 
     def run_one(loop: str, mode: str):
         if loop == "handwritten":
             return lambda: handwritten_loop(cfg, a.steps, a.interval, a.device, dtype)
         if loop == "plain":
-            return lambda: plain_loop(cfg, a.steps, a.interval, a.device, dtype,
-                                      a.compile_mode if mode == "compile" else None)
+            how = {"mode": a.compile_mode} if a.compile_backend == "inductor" else {"backend": a.compile_backend}
+            return lambda: plain_loop(cfg, a.steps, a.interval, a.device, dtype, how if mode == "compile" else None)
         ours_cfg = load_config(a.config, ours_overrides(mode))
         return lambda: our_loop(ours_cfg, a.steps, a.interval)
 
@@ -404,7 +408,7 @@ def main() -> int:
 
     results = {"config": a.config, "params": params, "batch": a.batch, "device": a.device, "gpu": gpu,
                "precision": a.mixed_precision, "channels_last": a.channels_last, "modes": modes,
-               "compile_mode": a.compile_mode, "steps": a.steps, "interval": a.interval, "repeats": a.repeats,
+               "compile_mode": a.compile_mode, "compile_backend": a.compile_backend, "steps": a.steps, "interval": a.interval, "repeats": a.repeats,
                "torch": torch.__version__, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
                "paper_images": PAPER_IMAGES, "rows": rows, "ratio": ratio, "skipped": skipped, "sweep": None}
     write_json(a.json, results)  # now, so that a sweep that fails keeps these

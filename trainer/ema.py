@@ -56,8 +56,16 @@ class EMA:
         ema = [self.shadow[k] for k in self._float_keys]
         cur = [v if v.dtype == torch.float32 else v.float() for v in floats]
         torch._foreach_lerp_(ema, cur, 1 - ema_decay_at(self.decay, updates))
-        for k, v in zip(self._int_keys, ints):
-            self.shadow[k].copy_(v)
+        if not self.stable:  # else tensors() reads them from the model: no copy per step
+            for k, v in zip(self._int_keys, ints):
+                self.shadow[k].copy_(v)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The averaged weights on their device: fp32 floats, and the integer buffers as of the last update
+        (with stable tensors, the model's own, which a skipped step leaves as they were)."""
+        if self.stable and self._sources is not None:
+            return {**self.shadow, **dict(zip(self._int_keys, self._sources[1]))}
+        return dict(self.shadow)
 
     def to(self, device) -> "EMA":
         self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
@@ -65,7 +73,7 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """CPU copies, the layout of `ema.safetensors` and of the export's weights."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.shadow.items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.tensors().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing, extra = sorted(set(self.shadow) - set(state)), sorted(set(state) - set(self.shadow))

@@ -13,7 +13,7 @@ from models import NStageVAE
 from train_helpers import TINY
 from trainer.config import load_config
 from trainer.ema import EMA
-from trainer.loop import setup, train_step
+from trainer.loop import BufferBackup, setup, train_step
 
 
 def reference_ema_update(ema: dict, model: torch.nn.Module, decay: float, updates: int) -> None:
@@ -43,20 +43,22 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
             v.add_(1)  # BN's num_batches_tracked
 
 
-def test_ema_update_matches_the_reference_exactly():
+@pytest.mark.parametrize("stable", [False, True], ids=["reread", "stable_tensors"])
+def test_ema_update_matches_the_reference_exactly(stable):
     model = _bn_model()
-    ema = EMA(model, decay=0.999)
+    ema = EMA(model, decay=0.999, stable_tensors=stable)
     ref = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
            for k, v in model.state_dict().items()}
     for updates in range(1, 40):
         _perturb(model, updates)
         ema.update(model, updates)
         reference_ema_update(ref, model, 0.999, updates)
-    assert ema.shadow.keys() == ref.keys()
-    diff = [k for k in ref if not torch.equal(ema.shadow[k], ref[k])]
+    got = ema.tensors()
+    assert got.keys() == ref.keys()
+    diff = [k for k in ref if not torch.equal(got[k], ref[k])]
     assert not diff, f"{len(diff)} tensors differ from the reference update, e.g. {diff[:3]}"
     ints = [k for k, v in ref.items() if not v.is_floating_point()]
-    assert ints and all(torch.equal(ema.shadow[k], model.state_dict()[k]) for k in ints), "integer buffers are copied"
+    assert ints and all(torch.equal(got[k], model.state_dict()[k]) for k in ints), "integer buffers are copied"
 
 
 def test_ema_is_fp32_on_the_models_device_whatever_the_models_dtype():
@@ -87,6 +89,22 @@ def test_ema_state_dict_round_trip_and_mismatch():
         b.load_state_dict(state)
 
 
+def test_buffer_backup_restores_in_place_written_buffers_even_after_load_state_dict():
+    model, other = _bn_model(), _bn_model()
+    _perturb(other, 7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backup = BufferBackup(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "re-pointing changed a value"
+    model.load_state_dict(other.state_dict())  # in place: the buffers stay views of the flat copy
+    backup.save()
+    model.train()
+    model(torch.randn(4, 1, 28, 28))  # batch norm updates its running statistics
+    changed = [k for k, v in model.named_buffers() if not torch.equal(v, other.state_dict()[k])]
+    assert changed
+    backup.restore()
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.named_buffers())
+
+
 # ----------------------------------------------------------------------------- one optimizer step
 @pytest.fixture
 def fresh_accelerate(monkeypatch):
@@ -111,7 +129,7 @@ def _setup(tmp_path, *overrides):
 def _snapshot(s) -> dict:
     opt = s.optimizer.state_dict()
     return {"model": {k: v.clone() for k, v in s.accelerator.unwrap_model(s.model).state_dict().items()},
-            "opt": copy.deepcopy(opt["state"]), "ema": {k: v.clone() for k, v in s.ema.shadow.items()},
+            "opt": copy.deepcopy(opt["state"]), "ema": {k: v.clone() for k, v in s.ema.tensors().items()},
             "updates": s.counters.updates}
 
 
