@@ -84,7 +84,6 @@ def profile_trainer(cfg, a, device) -> None:
 
 def profile_plain(cfg, a, device) -> None:
     from trainer.data import SyntheticStream
-    from trainer.loop import compile_options
 
     arch = cfg.model.architecture()
     torch.manual_seed(0)
@@ -93,7 +92,7 @@ def profile_plain(cfg, a, device) -> None:
         model = model.to(memory_format=torch.channels_last)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas), **fused)
-    fwd = torch.compile(model, **compile_options(cfg)) if cfg.train.compile else model
+    fwd = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
     stream = SyntheticStream(cfg.train.batch_size, image_size=arch.image_size, channels=arch.channels,
                              size=cfg.data.synthetic_size)
     it = forever(stream)
@@ -128,7 +127,6 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "cudagraphs"])
     p.add_argument("--compile-mode", default="default")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)
@@ -138,7 +136,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     overrides = ["data.synthetic=true", "data.synthetic_size=100000", f"train.compile={a.compile}",
-                 f"train.compile_backend={a.compile_backend}", f"train.compile_mode={a.compile_mode}",
+                 f"train.compile_mode={a.compile_mode}",
                  "train.ema_decay=0.999", *a.overrides]
     if a.batch:
         overrides.append(f"train.batch_size={a.batch}")

@@ -307,8 +307,6 @@ def main() -> int:
     p.add_argument("--modes", default="", help="eager,compile (default: both on CUDA, eager on CPU)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode of the compiled rows: default, reduce-overhead, max-autotune, ...")
-    p.add_argument("--compile-backend", default="inductor", choices=["inductor", "cudagraphs"],
-                   help="torch.compile backend of the compiled rows (cudagraphs: eager kernels as CUDA graphs)")
     p.add_argument("--loops", default=",".join(LOOPS), help="which of handwritten,plain,ours to run")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--channels-last", action="store_true")
@@ -352,7 +350,7 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0) if cuda else None
     print(f"config={a.config} params={params} batch={a.batch} device={a.device}{f' ({gpu})' if gpu else ''} "
           f"precision={a.mixed_precision} channels_last={a.channels_last} modes={','.join(modes)} "
-          f"compile_mode={a.compile_mode} compile_backend={a.compile_backend} steps={a.steps} interval={a.interval} repeats={a.repeats} "
+          f"compile_mode={a.compile_mode} steps={a.steps} interval={a.interval} repeats={a.repeats} "
           f"torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"model_gflops_per_image_fwd_bwd={flops / 1e9:.3f}")
     print(f"host_batch_ms={host_batch_ms(cfg, a.device):.2f} (one synthetic batch made on the host and copied: "
@@ -373,15 +371,14 @@ def main() -> int:
         compiled = mode == "compile"
         # compile_mode only when asked for, so the default run needs no trainer that knows the key
         how = [f"train.compile_mode={a.compile_mode}"] if compiled and a.compile_mode != "default" else []
-        how += [f"train.compile_backend={a.compile_backend}"] if compiled and a.compile_backend != "inductor" else []
         return [*overrides, f"train.compile={compiled}", *how]
 
     def run_one(loop: str, mode: str):
         if loop == "handwritten":
             return lambda: handwritten_loop(cfg, a.steps, a.interval, a.device, dtype)
         if loop == "plain":
-            how = {"mode": a.compile_mode} if a.compile_backend == "inductor" else {"backend": a.compile_backend}
-            return lambda: plain_loop(cfg, a.steps, a.interval, a.device, dtype, how if mode == "compile" else None)
+            how = {"mode": a.compile_mode} if mode == "compile" else None
+            return lambda: plain_loop(cfg, a.steps, a.interval, a.device, dtype, how)
         ours_cfg = load_config(a.config, ours_overrides(mode))
         return lambda: our_loop(ours_cfg, a.steps, a.interval)
 
@@ -408,7 +405,7 @@ def main() -> int:
 
     results = {"config": a.config, "params": params, "batch": a.batch, "device": a.device, "gpu": gpu,
                "precision": a.mixed_precision, "channels_last": a.channels_last, "modes": modes,
-               "compile_mode": a.compile_mode, "compile_backend": a.compile_backend, "steps": a.steps, "interval": a.interval, "repeats": a.repeats,
+               "compile_mode": a.compile_mode, "steps": a.steps, "interval": a.interval, "repeats": a.repeats,
                "torch": torch.__version__, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
                "paper_images": PAPER_IMAGES, "rows": rows, "ratio": ratio, "skipped": skipped, "sweep": None}
     write_json(a.json, results)  # now, so that a sweep that fails keeps these

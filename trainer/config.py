@@ -78,9 +78,6 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model's forward and, separately, the per-stage losses
     # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"
-    # torch.compile's backend: inductor (generated kernels; compile_mode applies) | cudagraphs (eager's own
-    # kernels replayed as CUDA graphs: no launch overhead, no code generation; GPU only)
-    compile_backend: str = "inductor"
     channels_last: bool = True
     init_from: str = ""  # an export directory to start from (fine-tuning); ignored when resuming
     max_bad_steps: int = 5  # abort after this many consecutive non-finite steps
@@ -120,11 +117,6 @@ class Config:
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if t.compile_mode not in modes:
             raise ValueError(f"train.compile_mode: must be one of {', '.join(modes)}, got {t.compile_mode!r}")
-        if t.compile_backend not in ("inductor", "cudagraphs"):
-            raise ValueError(f"train.compile_backend: must be inductor or cudagraphs, got {t.compile_backend!r}")
-        if t.compile_backend != "inductor" and t.compile_mode != "default":
-            raise ValueError("train.compile_mode applies to the inductor backend only; leave it at default "
-                             f"with train.compile_backend={t.compile_backend}")
         if t.export_weights not in ("ema", "raw"):
             raise ValueError(f"train.export_weights: must be 'ema' or 'raw', got {t.export_weights!r}")
         if t.export_weights == "ema" and t.ema_decay == 0:

@@ -119,33 +119,24 @@ def forward_loss(model, x: torch.Tensor, eps: torch.Tensor, arch: ModelConfig, a
 class BufferBackup:
     """Batch norm updates its running statistics during the forward pass, before the finite check can
     run: a skipped step puts them back (one NaN batch would otherwise poison them, and through them the
-    EMA and every later evaluation, for good).
+    EMA and every later evaluation, for good). One foreach copy per dtype on the device each step.
 
-    The buffers are re-pointed into one flat tensor per dtype, so that saving them each step is one copy
-    on the device rather than one per buffer (60 for celeba128). Everything that writes buffers does so in
-    place (batch norm, load_state_dict, DDP's broadcast), so the views stay views."""
+    (Re-pointing the buffers into one flat tensor would make it a single copy, but checkpoints refuse
+    tensors that share storage: safetensors will not load them.)"""
 
     def __init__(self, module: torch.nn.Module):
         groups: dict[tuple, list[torch.Tensor]] = {}
         for b in module.buffers():
             groups.setdefault((b.device, b.dtype), []).append(b)
-        self.flat, self.saved = [], []
-        for bufs in groups.values():
-            flat = torch.cat([b.detach().reshape(-1) for b in bufs])
-            offset = 0
-            for b in bufs:
-                b.data = flat[offset:offset + b.numel()].view_as(b)
-                offset += b.numel()
-            self.flat.append(flat)
-            self.saved.append(flat.clone())
+        self.groups = [(bufs, [b.detach().clone() for b in bufs]) for bufs in groups.values()]
 
     def save(self) -> None:
-        for src, dst in zip(self.flat, self.saved):
-            dst.copy_(src)
+        for bufs, saved in self.groups:
+            torch._foreach_copy_(saved, bufs)
 
     def restore(self) -> None:
-        for src, dst in zip(self.saved, self.flat):
-            dst.copy_(src)
+        for bufs, saved in self.groups:
+            torch._foreach_copy_(bufs, saved)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -265,8 +256,6 @@ def build_model(cfg: Config, arch: ModelConfig, device, is_ds: bool, fresh: bool
         if src.config.to_dict() != arch.to_dict():
             raise ValueError(f"train.init_from={cfg.train.init_from}: its architecture differs from model.*")
         model.load_state_dict(src.state_dict())
-    if cfg.train.compile and cfg.train.compile_backend == "cudagraphs" and device.type != "cuda":
-        raise ValueError("train.compile_backend=cudagraphs needs a GPU; use the inductor backend on CPU")
     if cfg.model.sync_bn:
         if device.type != "cuda":
             raise ValueError("model.sync_bn=true needs GPUs: torch's SyncBatchNorm refuses CPU modules; "
@@ -279,14 +268,6 @@ def build_model(cfg: Config, arch: ModelConfig, device, is_ds: bool, fresh: bool
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def compile_options(cfg: Config) -> dict:
-    """torch.compile's arguments for the model: `train.compile_backend` and, for inductor, `compile_mode`."""
-    t = cfg.train
-    if t.compile_backend == "inductor":
-        return {"mode": t.compile_mode}
-    return {"backend": t.compile_backend}
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, device, is_ds: bool) -> torch.optim.Optimizer:
@@ -319,7 +300,7 @@ def setup(cfg: Config) -> Setup:
     optimizer = make_optimizer(cfg, model, accelerator.device, is_ds)
     loss_fn = nstage_loss
     if cfg.train.compile:
-        model = torch.compile(model, **compile_options(cfg))
+        model = torch.compile(model, mode=cfg.train.compile_mode)
         loss_fn = torch.compile(nstage_loss)  # fuses the per-stage losses' elementwise kernels
     if is_ds:
         patch_deepspeed_config(cfg, accelerator)
