@@ -22,7 +22,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[2]
-RUN_PY = REPO / "trainer" / "run.py"
+from run_helpers import (REPO, RUN_PY, Run, assert_steps_once, curve, free_port, ok, read_metrics,  # noqa: F401
+                         tensors, train_rows)
+
 ACCELERATE_CONFIGS = REPO / "trainer" / "accelerate"
 
 ON_CPU = os.environ.get("NSTAGE_GPU_TESTS_ON_CPU") == "1"
@@ -56,19 +56,11 @@ LONG = [*TINY, f"train.max_steps={LONG_STEPS}", "train.ckpt_every=50", "train.ev
 STOP_AT = 30  # the SIGTERM run is signalled once metrics.jsonl shows this step
 OVERFLOW_STEP = 12  # fp16: train.inject_overflow; late enough that the scaler's own first back-offs are over
 FP16 = [*TINY, f"train.inject_overflow={OVERFLOW_STEP}", "train.warmup_steps=100", "train.max_bad_steps=1"]
-# What must agree between runs; images_per_s is a timing, loss_scale is fp16 bookkeeping.
-CURVE_KEYS = ("loss", "kl", "rec_1", "rec_2", "lr", "grad_norm", "val_loss", "val_kl", "val_rec_1", "val_rec_2")
 
 
 def precision(p: str) -> str:
     """bf16 becomes fp32 in the CPU dry run; fp16 stays (the trainer uses torch's CPU GradScaler there)."""
     return "no" if ON_CPU and p == "bf16" else p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -124,20 +116,6 @@ def _cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
-
-
-@dataclass
-class Run:
-    dir: Path  # the run directory (trainer runs) or the output directory (other commands)
-    rc: int
-    log: str
-
-    @property
-    def rows(self) -> list[dict]:
-        return read_metrics(self.dir)
-
-    def status(self) -> dict:
-        return json.loads((self.dir / "status.json").read_text())
 
 
 class Launch:
@@ -252,47 +230,9 @@ def command(out_dir: Path, name: str, args: list[str], *, timeout: float = 300, 
     return Launch([sys.executable, *args], out_dir / f"{name}.log", out_dir, extra_env).wait(timeout)
 
 
-def ok(run: Run) -> Run:
-    assert run.rc == 0, f"{run.dir}: exit code {run.rc}\n{run.log[-6000:]}"
-    return run
-
-
 # ----------------------------------------------------------------------------- metrics and weights
-def read_metrics(run_dir: Path, tolerant: bool = False) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if not tolerant:
-                raise
-    return rows
-
-
-def train_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if "loss" in r]
-
-
 def by_step(rows: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in train_rows(rows)}
-
-
-def assert_steps_once(rows: list[dict], max_steps: int) -> None:
-    steps = [r["step"] for r in train_rows(rows)]
-    assert steps == list(range(1, max_steps + 1)), f"training rows are not steps 1..{max_steps} once each: {steps}"
-
-
-def curve(rows: list[dict]) -> list[tuple]:
-    """(step, key, value, scale) for every compared number, training and validation rows alike; `scale` is
-    the row's total loss, the yardstick for its additive terms (kl is ~1% of it)."""
-    out = []
-    for r in rows:
-        scale = abs(r.get("loss", r.get("val_loss", 0.0)))
-        out += [(r["step"], k, r[k], scale) for k in CURVE_KEYS if k in r]
-    return out
 
 
 def curve_distance(a: list[dict], b: list[dict]) -> tuple[float, dict[str, float]]:
@@ -316,11 +256,6 @@ def assert_curves_close(a: list[dict], b: list[dict], rtol: float, grad_rtol: fl
     bad = {k: d for k, d in per_key.items() if d > (grad_rtol if k == "grad_norm" else rtol)}
     assert not bad, f"curves differ beyond rtol={rtol} (grad_norm {grad_rtol}): {bad}; all: {per_key}"
     return per_key
-
-
-def tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(path))
 
 
 def weight_distance(a: dict, b: dict) -> float:

@@ -6,22 +6,19 @@ once per session (a module-level cache, so that this folder needs no conftest.py
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-RUN_PY = REPO / "trainer" / "run.py"
+from run_helpers import (CURVE_KEYS, REPO, RUN_PY, Run, assert_steps_once, curve, free_port, ok,  # noqa: F401
+                         read_metrics, tensors, train_rows)
+
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 # A tiny 2-stage model on 28 px synthetic images: ~0.1 s per step on one CPU thread. lr 3e-4: at 3e-3 Adam
@@ -33,14 +30,6 @@ TINY = ["data.synthetic=true", "data.synthetic_size=160", "model.norm=group", "m
         "train.log_every=1", "train.eval_every=10", "train.sample_every=10", "train.warmup_steps=5",
         "train.lr=3e-4"]
 GLOBAL_BATCH = 16
-# What must agree between runs; images_per_s is a timing.
-CURVE_KEYS = ("loss", "kl", "rec_1", "rec_2", "lr", "grad_norm", "val_loss", "val_kl", "val_rec_1", "val_rec_2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -62,20 +51,6 @@ def command(procs: int = 1, *, deepspeed: bool = False, entry: Path | str = RUN_
         return [sys.executable, str(entry)], env()
     return ([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
              "--main_process_port", str(free_port()), str(entry)], env(ACCELERATE_USE_CPU="1"))
-
-
-@dataclass
-class Run:
-    dir: Path
-    rc: int
-    log: str
-
-    @property
-    def rows(self) -> list[dict]:
-        return read_metrics(self.dir)
-
-    def status(self) -> dict:
-        return json.loads((self.dir / "status.json").read_text())
 
 
 class Launch:
@@ -145,39 +120,6 @@ def train(run_dir: Path, *overrides: str, procs: int = 1, deepspeed: bool = Fals
     return Launch(run_dir, *overrides, procs=procs, deepspeed=deepspeed, **kw).wait(timeout)
 
 
-def ok(run: Run) -> Run:
-    assert run.rc == 0, f"{run.dir}: exit code {run.rc}\n{run.log[-4000:]}"
-    return run
-
-
-def read_metrics(run_dir: Path, tolerant: bool = False) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if not tolerant:
-                raise
-    return rows
-
-
-def train_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if "loss" in r]
-
-
-def curve(rows: list[dict]) -> list[tuple]:
-    """(step, key, value, scale) for every compared number, training and validation rows alike; `scale` is
-    the row's total loss, the yardstick for its additive terms (kl is ~1% of it)."""
-    out = []
-    for r in rows:
-        scale = abs(r.get("loss", r.get("val_loss", 0.0)))
-        out += [(r["step"], k, r[k], scale) for k in CURVE_KEYS if k in r]
-    return out
-
-
 def assert_curves_close(a: list[dict], b: list[dict], rtol: float, grad_rtol: float | None = None) -> None:
     """Loss terms agree within rtol x the row's loss, lr and grad_norm within rtol (grad_rtol) of
     themselves; rtol=0 asks for bitwise-equal numbers."""
@@ -192,15 +134,6 @@ def assert_curves_close(a: list[dict], b: list[dict], rtol: float, grad_rtol: fl
         if not abs(x - y) <= tol:
             bad.append((step, key, x, y))
     assert not bad, f"{len(bad)} values differ beyond rtol={rtol} (grad_rtol={grad_rtol}); first: {bad[:5]}"
-
-
-def assert_steps_once(rows: list[dict], max_steps: int) -> None:
-    steps = [r["step"] for r in train_rows(rows)]
-    assert steps == list(range(1, max_steps + 1)), f"training rows are not steps 1..{max_steps} once each: {steps}"
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
 
 
 def assert_tensors_equal(a: dict, b: dict) -> None:
