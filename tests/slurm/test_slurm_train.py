@@ -82,7 +82,8 @@ def train_rows(run_dir: Path) -> list[dict]:
 
 def log_of(run_dir: Path, job_id: str) -> str:
     path = run_dir / f"slurm-{job_id}.out"
-    return path.read_text() if path.exists() else ""
+    # Read while the job writes: the last bytes may be half of a multi-byte character (tqdm's bar).
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def committed_steps(run_dir: Path) -> list[int]:
