@@ -65,11 +65,16 @@ class StopRequest:
     def __init__(self, run_dir: str):
         self.stop_file = os.path.join(run_dir, "STOP")
         self.signal: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, _frame) -> None:
         self.signal = signal.Signals(signum).name
+
+    def close(self) -> None:
+        """Give the signals back: a process that called train() in-process (bench/train.py) must still
+        die on SIGTERM after the run."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def requested(self) -> bool:
         return self.signal is not None or os.path.exists(self.stop_file)
@@ -558,15 +563,18 @@ def train(cfg: Config) -> int:
     stopped_by = None
     s.model.train()
     s.t_start = time.time()  # train.max_time counts from here
-    while c.step < t.max_steps:
-        out = train_step(s)
-        check_bad_streak(s, out)
-        periodic(out, progress)
-        if out.stop or out.timed_out:
-            stopped_by = s.stop.signal or ("STOP file" if out.stop else "train.max_time")
-            break
-    progress.close()
-    finish(s, stopped_by)
+    try:
+        while c.step < t.max_steps:
+            out = train_step(s)
+            check_bad_streak(s, out)
+            periodic(out, progress)
+            if out.stop or out.timed_out:
+                stopped_by = s.stop.signal or ("STOP file" if out.stop else "train.max_time")
+                break
+        progress.close()
+        finish(s, stopped_by)
+    finally:
+        s.stop.close()
     return EXIT_OK
 
 

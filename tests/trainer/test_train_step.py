@@ -13,7 +13,7 @@ from models import NStageVAE
 from train_helpers import TINY
 from trainer.config import load_config
 from trainer.ema import EMA
-from trainer.loop import BufferBackup, setup, train_step
+from trainer.loop import BufferBackup, StopRequest, setup, train_step
 
 
 def reference_ema_update(ema: dict, model: torch.nn.Module, decay: float, updates: int) -> None:
@@ -103,6 +103,16 @@ def test_buffer_backup_restores_in_place_written_buffers_even_after_load_state_d
     assert changed
     backup.restore()
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.named_buffers())
+
+
+def test_stop_request_gives_the_signals_back(tmp_path):
+    """bench/train.py runs train() in its own process: after the run, SIGTERM must end that process again."""
+    import signal
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    stop = StopRequest(str(tmp_path))
+    assert all(signal.getsignal(sig) == stop._handle for sig in before)
+    stop.close()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 # ----------------------------------------------------------------------------- one optimizer step
