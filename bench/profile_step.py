@@ -21,21 +21,16 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(BENCH), BENCH]  # the repository, and bench/ (its train.py: the plain step)
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from models import NStageVAE, nstage_loss  # noqa: E402
+import train as bench_train  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.data import forever, to_model_input  # noqa: E402
 
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def summarize(prof, steps: int, wall_s: float, device: torch.device, top: int, title: str) -> dict:
@@ -66,13 +61,13 @@ def profile_trainer(cfg, a, device) -> None:
         s.model.train()
         for _ in range(a.warmup):
             train_step(s)
-        _sync(device)
+        bench_train.sync(device.type)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             t = time.perf_counter()
             for _ in range(a.steps):
                 train_step(s)
-            _sync(device)
+            bench_train.sync(device.type)
             wall = time.perf_counter() - t
         counts = summarize(prof, a.steps, wall, device, a.top, "trainer.loop.train_step")
         if a.trace:
@@ -82,40 +77,19 @@ def profile_trainer(cfg, a, device) -> None:
     return counts
 
 
-def profile_plain(cfg, a, device) -> None:
-    from trainer.data import SyntheticStream
-
-    arch = cfg.model.architecture()
-    torch.manual_seed(0)
-    model = NStageVAE(arch).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas), **fused)
-    fwd = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
-    stream = SyntheticStream(cfg.train.batch_size, image_size=arch.image_size, channels=arch.channels,
-                             size=cfg.data.synthetic_size)
-    it = forever(stream)
+def profile_plain(cfg, a, device) -> dict:
+    """The same for bench/train.py's plain step (same model, optimizer, data path and compilation)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.mixed_precision)
-
-    def step():
-        x = to_model_input(next(it), device, None, cfg.train.channels_last)
-        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = fwd(x)
-        loss, _ = nstage_loss(out, x, arch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = bench_train.plain_step(cfg, device.type, dtype, {"mode": cfg.train.compile_mode} if cfg.train.compile else None)
     for _ in range(a.warmup):
         step()
-    _sync(device)
+    bench_train.sync(device.type)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         t = time.perf_counter()
         for _ in range(a.steps):
             step()
-        _sync(device)
+        bench_train.sync(device.type)
         wall = time.perf_counter() - t
     return summarize(prof, a.steps, wall, device, a.top, "plain loop")
 

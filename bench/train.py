@@ -128,8 +128,9 @@ def optimizer_for(model: torch.nn.Module, cfg: Config, device: str) -> torch.opt
     return handwritten.make_optimizer(model, device, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
 
 
-def plain_loop(cfg: Config, steps: int, interval: int, device: str, dtype, compile_kwargs: dict | None) -> list[float]:
-    """`compile_kwargs` None: eager; else torch.compile's arguments, compiled as the trainer compiles (the
+def plain_step(cfg: Config, device: str, dtype, compile_kwargs: dict | None):
+    """One plain step as a closure: forward, loss, backward, Adam step on the trainer's synthetic stream.
+    `compile_kwargs` None: eager; else torch.compile's arguments, compiled as the trainer compiles (the
     model with them, and the loss apart)."""
     torch.manual_seed(cfg.train.seed)
     arch = cfg.model.architecture()
@@ -152,7 +153,12 @@ def plain_loop(cfg: Config, steps: int, interval: int, device: str, dtype, compi
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return interval_rates(step, steps, interval, cfg.train.batch_size, device)
+    return step
+
+
+def plain_loop(cfg: Config, steps: int, interval: int, device: str, dtype, compile_kwargs: dict | None) -> list[float]:
+    return interval_rates(plain_step(cfg, device, dtype, compile_kwargs), steps, interval, cfg.train.batch_size,
+                          device)
 
 
 def handwritten_skip_reason(arch: ModelConfig) -> str | None:

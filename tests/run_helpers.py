@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,30 @@ class Run:
 
     def status(self) -> dict:
         return json.loads((self.dir / "status.json").read_text())
+
+
+class Waits:
+    """Polling a running launch (one with `proc`, `dir`, `text()` and `kill()`) until its run shows something."""
+
+    def wait_for(self, cond, timeout: float, what: str, poll: float = 0.02):
+        deadline = time.monotonic() + timeout
+        while True:
+            got = cond()
+            if got:
+                return got
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited (rc={self.proc.returncode}) before {what}:\n{self.text()[-4000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.text()[-4000:]}")
+            time.sleep(poll)
+
+    def wait_for_step(self, step: int, timeout: float = 120) -> int:
+        """Wait until metrics.jsonl holds a training row with step >= `step`; return that step."""
+        def seen():
+            rows = train_rows(read_metrics(self.dir, tolerant=True))
+            return rows[-1]["step"] if rows and rows[-1]["step"] >= step else 0
+        return self.wait_for(seen, timeout, f"step {step} in {self.dir}/metrics.jsonl")
 
 
 def ok(run: Run) -> Run:

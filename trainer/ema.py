@@ -67,10 +67,6 @@ class EMA:
             return {**self.shadow, **dict(zip(self._int_keys, self._sources[1]))}
         return dict(self.shadow)
 
-    def to(self, device) -> "EMA":
-        self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
-        return self
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """CPU copies, the layout of `ema.safetensors` and of the export's weights."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.tensors().items()}

@@ -1,10 +1,11 @@
 """The training loop: set-up, one optimizer step, the periodic work, and the two ends of a run.
 
-    s = setup(cfg)                       # accelerator, model, optimizer, EMA, streams, counters, resume
-    while s.step < max_steps:
-        out = train_step(s)     # micro-batches, finite check, clip, step or skip, EMA
-        periodic(s, out)                 # log, eval, samples, checkpoint
-    finish(s)                            # checkpoint, then export (or stop for a requeue)
+    s = setup(cfg)                  # accelerator, model, optimizer, EMA, streams, counters, resume
+    while s.counters.step < max_steps:
+        out = train_step(s)         # micro-batches, finite check, clip, step or skip, EMA
+        check_bad_streak(s, out)    # abort after too many non-finite steps
+        periodic(out, progress)     # log, eval, samples, checkpoint
+    finish(s, stopped_by)           # checkpoint, then export (or stop for a requeue)
 
 Order inside one optimizer step (nanoGPT/DiT/EDM style): forward, loss, backward (per micro-batch),
 finite check (reduced over ranks, together with the stop request: one all-reduce and one host sync per
@@ -177,7 +178,6 @@ class Setup:
     global_batch: int
     buffers: BufferBackup
     counters: Counters = field(default_factory=Counters)
-    resume_path: str | None = None
     t_start: float = field(default_factory=time.time)
 
     @property
@@ -252,7 +252,7 @@ def prepare_run_dir(cfg: Config, accelerator) -> tuple[str | None, dict | None, 
     return resume_path, resume_state, config_yaml
 
 
-def build_model(cfg: Config, arch: ModelConfig, device, is_ds: bool, fresh: bool) -> NStageVAE:
+def build_model(cfg: Config, arch: ModelConfig, device, fresh: bool) -> NStageVAE:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = NStageVAE(arch)
     if cfg.train.init_from and fresh:
@@ -266,10 +266,6 @@ def build_model(cfg: Config, arch: ModelConfig, device, is_ds: bool, fresh: bool
             raise ValueError("model.sync_bn=true needs GPUs: torch's SyncBatchNorm refuses CPU modules; "
                              "use model.norm=group for batch-independent statistics on CPU")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.train.channels_last and is_ds:
-        # DeepSpeed flattens parameters into one buffer and cannot view channels_last weights.
-        print("[nstage-vae] train.channels_last is ignored under DeepSpeed", flush=True)
-        cfg.train.channels_last = False
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -300,8 +296,12 @@ def setup(cfg: Config) -> Setup:
     is_ds = accelerator.distributed_type.name == "DEEPSPEED"
     resume_path, resume_state, config_yaml = prepare_run_dir(cfg, accelerator)
     stop = StopRequest(cfg.run.dir)
+    if cfg.train.channels_last and is_ds:
+        # DeepSpeed flattens parameters into one buffer and cannot view channels_last weights.
+        accelerator.print("[nstage-vae] train.channels_last is ignored under DeepSpeed")
+        cfg.train.channels_last = False
     arch = cfg.model.architecture()
-    model = build_model(cfg, arch, accelerator.device, is_ds, fresh=resume_state is None)
+    model = build_model(cfg, arch, accelerator.device, fresh=resume_state is None)
     optimizer = make_optimizer(cfg, model, accelerator.device, is_ds)
     loss_fn = nstage_loss
     if cfg.train.compile:
@@ -365,7 +365,6 @@ def resume(s: Setup, path: str, state: dict) -> None:
         s.train_stream.epoch = epoch + 1
         acc.print(f"[nstage-vae] world size changed {saved_world} -> {s.world}: restored weights, "
                   f"optimizer and EMA; data restarts at epoch {epoch + 1}")
-    s.resume_path = path
     acc.print(f"[nstage-vae] resumed from {path} at step {s.counters.step}")
 
 
@@ -431,16 +430,15 @@ def train_step(s: Setup) -> StepOut:
     lr = lr_at(c.updates, cfg)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
-    restore_scale = _inject_overflow(s) if cfg.train.inject_overflow else None
+    restore_scale = _inject_overflow(s)
     s.buffers.save()
     names, terms = _micro_batches(s)
+    bad_local = ~torch.isfinite(terms[0])
     if s.is_ds:
         grad_norm = torch.full((), float("nan"), device=s.device)
-        bad_local = ~torch.isfinite(terms[0])
     else:
         # Unscaled first under fp16; an overflow shows as a non-finite norm with a finite loss.
         grad_norm = grad_norm_and_clip(acc, s.model, cfg.train.clip_grad)
-        bad_local = ~torch.isfinite(terms[0])
         if s.scaler is None:
             bad_local = bad_local | ~torch.isfinite(grad_norm)
     timed_out = cfg.train.max_time > 0 and time.time() - s.t_start >= cfg.train.max_time

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from run_helpers import (REPO, RUN_PY, Run, assert_steps_once, curve, free_port, ok, read_metrics,  # noqa: F401
+from run_helpers import (REPO, RUN_PY, Run, Waits, assert_steps_once, curve, free_port, ok, read_metrics,  # noqa: F401
                          tensors, train_rows)
 
 ACCELERATE_CONFIGS = REPO / "trainer" / "accelerate"
@@ -118,7 +118,7 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-class Launch:
+class Launch(Waits):
     """A command in its own session, its output in `log_path`; killed with all its descendants on timeout
     and when the test session ends."""
 
@@ -141,26 +141,6 @@ class Launch:
         except ValueError:  # closed (by a kill from another thread)
             pass
         return self.log_path.read_text(errors="replace")
-
-    def wait_for(self, cond, timeout: float, what: str, poll: float = 0.02):
-        deadline = time.monotonic() + timeout
-        while True:
-            got = cond()
-            if got:
-                return got
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited (rc={self.proc.returncode}) before {what}:\n{self.text()[-4000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.text()[-4000:]}")
-            time.sleep(poll)
-
-    def wait_for_step(self, step: int, timeout: float) -> int:
-        """Wait until metrics.jsonl holds a training row with step >= `step`; return that step."""
-        def seen():
-            rows = train_rows(read_metrics(self.dir, tolerant=True))
-            return rows[-1]["step"] if rows and rows[-1]["step"] >= step else 0
-        return self.wait_for(seen, timeout, f"step {step} in {self.dir}/metrics.jsonl")
 
     def trainer_pids(self) -> list[int]:
         """The trainer processes below the launcher (`trainer/run.py` in their command line), outermost only."""

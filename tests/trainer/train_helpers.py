@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from run_helpers import (CURVE_KEYS, REPO, RUN_PY, Run, assert_steps_once, curve, free_port, ok,  # noqa: F401
+from run_helpers import (CURVE_KEYS, REPO, RUN_PY, Run, Waits, assert_steps_once, curve, free_port, ok,  # noqa: F401
                          read_metrics, tensors, train_rows)
 
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -53,7 +53,7 @@ def command(procs: int = 1, *, deepspeed: bool = False, entry: Path | str = RUN_
              "--main_process_port", str(free_port()), str(entry)], env(ACCELERATE_USE_CPU="1"))
 
 
-class Launch:
+class Launch(Waits):
     """A running trainer (or launcher) in its own session, its output in `<run.dir>.log`."""
 
     def __init__(self, run_dir: Path, *overrides: str, procs: int = 1, deepspeed: bool = False,
@@ -65,26 +65,6 @@ class Launch:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd + [*TINY, *overrides, f"run.dir={self.dir}"], cwd=REPO, env=e,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_for(self, cond, timeout: float, what: str, poll: float = 0.02):
-        deadline = time.monotonic() + timeout
-        while True:
-            got = cond()
-            if got:
-                return got
-            if self.proc.poll() is not None:
-                raise AssertionError(f"trainer exited (rc={self.proc.returncode}) before {what}:\n{self.text()[-3000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.text()[-3000:]}")
-            time.sleep(poll)
-
-    def wait_for_step(self, step: int, timeout: float = 120) -> int:
-        """Wait until metrics.jsonl holds a training row with step >= `step`; return that step."""
-        def seen():
-            rows = [r for r in read_metrics(self.dir, tolerant=True) if "loss" in r]
-            return rows[-1]["step"] if rows and rows[-1]["step"] >= step else 0
-        return self.wait_for(seen, timeout, f"step {step} in {self.dir}/metrics.jsonl")
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
