@@ -82,11 +82,32 @@ class TrainConfig:
     init_from: str = ""  # an export directory to start from (fine-tuning); ignored when resuming
     max_bad_steps: int = 5  # abort after this many consecutive non-finite steps
     export_weights: str = "ema"  # ema | raw: what the end-of-run export holds
-    # Test hook: "STEP:RANK" puts a NaN into that rank's batch from that step on.
+    # Test hook: "STEP:RANK" puts a NaN into that rank's batch from that step on; "STEP:RANK:d_loss" makes
+    # that rank's discriminator loss NaN instead (adversarial runs).
     inject_nan: str = ""
     # Test hook: at this step (1-based) the fp16 loss scale is multiplied by 2**100, so the backward
     # overflows for real and the GradScaler skips the update. 0: off. Needs fp16 without DeepSpeed.
     inject_overflow: int = 0
+
+
+@dataclass
+class AdvConfig:
+    """Adversarial refiner stages: training settings, not architecture (the export's config.json never
+    holds them, so an msvae export starts an adversarial run and an adversarial export loads as msvae).
+    See models/discriminator.py for the discriminator's form and trainer/loop.py for the step order."""
+    stages: list[int] = field(default_factory=list)  # 1-based refiner stages with a discriminator, e.g. [2]; []: off
+    weight: float = 0.01  # weight of each listed stage's generator term, g_adv_<i>
+    loss: str = "hinge"  # hinge | nonsat (non-saturating logistic)
+    feature_matching: float = 0.0  # weight of the l1 feature-matching term on the discriminator's features
+    # The optimizer update (0-based count of applied updates) from which the generator term and the
+    # discriminator's training are on; before it the run is exactly the plain model's (no warm-up of D).
+    start: int = 0
+    lr: float = 2.0e-4  # the discriminators' Adam, constant
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    clip_grad: float = 0.0  # max grad norm of the discriminators (0: report, never clip)
+    width: int = 64  # PatchGAN width
+    num_layers: int = 3  # PatchGAN stride-2 convs
+    spectral_norm: bool = True
 
 
 @dataclass
@@ -101,6 +122,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adv: AdvConfig = field(default_factory=AdvConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
@@ -129,7 +151,39 @@ class Config:
             raise ValueError(f"model.preset: unknown preset {self.model.preset!r}; "
                              f"allowed: {', '.join(MODEL_PRESETS)}")
         self.model.architecture().validate()
+        self._validate_adv()
         return self
+
+    def _validate_adv(self) -> None:
+        a, arch = self.adv, self.model.architecture()
+        if not a.stages:
+            return
+        from models.discriminator import ADV_LOSSES
+        for i in a.stages:
+            if not 2 <= i <= arch.num_stages:
+                raise ValueError(f"adv.stages: {i} is not a refiner stage; refiners are stages 2..{arch.num_stages} "
+                                 f"(1-based; stage 1 is the VAE's decoder)")
+        if len(set(a.stages)) != len(a.stages):
+            raise ValueError(f"adv.stages: each stage once, got {a.stages}")
+        if a.loss not in ADV_LOSSES:
+            raise ValueError(f"adv.loss: must be one of {', '.join(ADV_LOSSES)}, got {a.loss!r}")
+        if a.weight < 0 or a.feature_matching < 0 or a.start < 0 or a.clip_grad < 0:
+            raise ValueError("adv.weight, adv.feature_matching, adv.start and adv.clip_grad must be >= 0")
+        if not (a.lr > 0 and math.isfinite(a.lr)) or len(a.betas) != 2:
+            raise ValueError(f"adv.lr must be a positive number and adv.betas two values, got {a.lr}, {a.betas}")
+        sizes = arch.stage_sizes()
+        for i in a.stages:
+            self.disc_config().validate(sizes[i - 1], where=f"adv (stage {i}, {sizes[i - 1]} px)")
+
+    def disc_config(self):
+        from models.discriminator import DiscriminatorConfig
+        return DiscriminatorConfig(channels=self.model.channels, width=self.adv.width,
+                                   num_layers=self.adv.num_layers, spectral_norm=self.adv.spectral_norm)
+
+    def adv_sizes(self) -> dict[int, int]:
+        """{stage: resolution} of the adversarial stages."""
+        sizes = self.model.architecture().stage_sizes()
+        return {i: sizes[i - 1] for i in sorted(self.adv.stages)}
 
 
 def _find_config(name_or_path: str) -> tuple[str, str]:

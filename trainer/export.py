@@ -3,9 +3,13 @@
     python -m trainer.export runs/mnist                       # newest committed checkpoint -> runs/mnist/export/
     python -m trainer.export runs/mnist/checkpoints/step-0000600 --out exported/ --weights raw --dtype bf16
 
+    python -m trainer.export runs/mnist_msvae_adv --discriminator   # also the adversarial run's discriminators
+
 `--weights ema` (default) takes the EMA weights; `raw` takes the optimised weights, consolidating a
 DeepSpeed ZeRO checkpoint's shards into full fp32 weights first. The trainer writes the same export
-to `<run>/export/` at the end of every run.
+to `<run>/export/` at the end of every run. `--discriminator` adds `discriminator.safetensors` and
+`discriminator.json` beside the VAE (for fine-tuning: `train.init_from` loads them when `adv.stages` is
+set; `models.discriminator.load_discriminators` rebuilds them); `model.safetensors` never holds them.
 """
 from __future__ import annotations
 
@@ -104,7 +108,23 @@ def raw_state_from_checkpoint(ckpt: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{ckpt} holds neither model.safetensors nor a DeepSpeed pytorch_model folder")
 
 
-def export_checkpoint(path: str, out: str | None = None, weights: str = "ema", dtype: str = "fp32") -> str:
+def export_discriminators(ckpt: str, cfg, out: str) -> str:
+    """Write an adversarial checkpoint's discriminators (accelerate's `model_1.safetensors`) into out."""
+    from safetensors.torch import load_file
+
+    from models.discriminator import save_discriminators
+
+    if not cfg.adv.stages:
+        raise ValueError(f"{ckpt} is not an adversarial run (its adv.stages is empty): it has no discriminators")
+    f = os.path.join(ckpt, "model_1.safetensors")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{f} not found: the checkpoint holds no discriminators")
+    return save_discriminators(clean_state(load_file(f)), cfg.disc_config(), cfg.adv_sizes(), out,
+                               extra={"adv": _yaml_to_dict(os.path.join(ckpt, "config.yaml")).get("adv", {})})
+
+
+def export_checkpoint(path: str, out: str | None = None, weights: str = "ema", dtype: str = "fp32",
+                      discriminator: bool = False) -> str:
     from safetensors.torch import load_file
 
     from .config import from_yaml_file
@@ -126,7 +146,10 @@ def export_checkpoint(path: str, out: str | None = None, weights: str = "ema", d
     provenance = {"step": state_info["step"], "weights": weights, "checkpoint": os.path.abspath(ckpt),
                   "run_config": _yaml_to_dict(os.path.join(ckpt, "config.yaml")),
                   "dataset_manifest_sha256": state_info.get("manifest_sha256")}
-    return write_export(state, cfg.model.architecture(), out, dtype=dtype, provenance=provenance)
+    write_export(state, cfg.model.architecture(), out, dtype=dtype, provenance=provenance)
+    if discriminator:
+        export_discriminators(ckpt, cfg, out)
+    return out
 
 
 def _yaml_to_dict(path: str) -> dict:
@@ -141,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output directory (default: <run>/export)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--discriminator", action="store_true",
+                   help="also write an adversarial run's discriminators (discriminator.safetensors/.json) beside it")
     a = p.parse_args(argv)
     try:
-        out = export_checkpoint(a.path, a.out, a.weights, a.dtype)
+        out = export_checkpoint(a.path, a.out, a.weights, a.dtype, a.discriminator)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

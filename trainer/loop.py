@@ -12,6 +12,13 @@ finite check (reduced over ranks, together with the stop request: one all-reduce
 step), clip, step or skip, EMA. A skipped step changes no weight, no optimizer state and no EMA, and does
 not advance the learning rate.
 
+Adversarial stages (`adv.stages`, from update `adv.start` on). Each iteration, in this order: the VAE's
+forward; its losses, the generator terms judged by the discriminators with their weights frozen
+(`requires_grad` off, called outside DDP); the discriminators' forward on real images and the VAE's images
+detached; one backward of both losses; the finite check over both; the discriminators' step, then the
+VAE's (disjoint parameters, both from this iteration's gradients: a simultaneous update). A skip skips
+both. DeepSpeed is refused at start-up (see `build_discriminators`).
+
 Mixed precision. bf16 needs nothing special. fp16 uses a GradScaler (accelerate's on GPUs; on CPU, where
 accelerate has none, torch's): an overflow makes the scaler skip the update and lower its scale. That is
 routine and does not count toward `train.max_bad_steps`; a non-finite loss does. Under DeepSpeed the
@@ -29,7 +36,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from models import ModelConfig, NStageVAE, nstage_loss
+from models import ModelConfig, NStageVAE, nstage_loss, resize_to
+from models.discriminator import (StageDiscriminators, discriminator_loss, feature_matching, generator_loss,
+                                  has_discriminators, load_discriminators)
 
 from . import checkpoint as ckpt_lib
 from .config import Config, to_yaml
@@ -106,6 +115,22 @@ def global_eps(cfg: Config, step: int, micro: int, rank: int, world: int, batch:
     return eps[rank * batch:(rank + 1) * batch]
 
 
+def grad_norms(s: "Setup", adv: bool) -> torch.Tensor:
+    """[VAE grad norm] or, with the discriminators on, [VAE's, discriminators'], each clipped to its own
+    max (train.clip_grad, adv.clip_grad). Under fp16 the gradients of both are unscaled once, first."""
+    if s.disc is None:
+        return grad_norm_and_clip(s.accelerator, s.model, s.cfg.train.clip_grad).reshape(1)
+    s.accelerator.unscale_gradients()  # every prepared optimizer: a second call would raise
+    norms = []
+    for module, clip in ((s.model, s.cfg.train.clip_grad), (s.disc, s.cfg.adv.clip_grad)):
+        params = [p for p in module.parameters() if p.grad is not None]
+        if clip > 0:
+            norms.append(torch.nn.utils.clip_grad_norm_(params, clip))
+        else:
+            norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    return torch.stack(norms if adv else norms[:1]).float()
+
+
 def grad_norm_and_clip(accelerator, model, max_norm: float) -> torch.Tensor:
     """The global gradient norm (of the unscaled gradients under fp16), clipped to max_norm when > 0.
     Without clipping only the norm is computed (no multiply of every gradient by 1.0)."""
@@ -116,23 +141,66 @@ def grad_norm_and_clip(accelerator, model, max_norm: float) -> torch.Tensor:
 
 
 def forward_loss(model, x: torch.Tensor, eps: torch.Tensor, arch: ModelConfig, accelerator, loss_fn=nstage_loss):
-    """The forward pass and the per-stage losses: the piece without host branches or I/O."""
+    """The forward pass and the per-stage losses: the piece without host branches or I/O.
+    Returns the loss, its named terms and the model's output (the stages' images)."""
     with accelerator.autocast():
         out = model(x, eps=eps)
-    return loss_fn(out, x, arch)
+    loss, terms = loss_fn(out, x, arch)
+    return loss, terms, out
+
+
+def adversarial_losses(s: "Setup", x: torch.Tensor, images: list[torch.Tensor], nan_d: bool = False):
+    """The generator terms (discriminators frozen) and the discriminators' loss (VAE images detached).
+
+    Returns (generator loss, discriminator loss, named terms: g_adv_<i>, fm_<i>, d_real_<i>, d_fake_<i>)."""
+    a, acc = s.cfg.adv, s.accelerator
+    reals = {i: resize_to(x, images[i - 1].shape[-1]) for i in s.disc_sizes}
+    fakes = {i: images[i - 1] for i in s.disc_sizes}
+    fm = a.feature_matching > 0
+    terms: dict[str, torch.Tensor] = {}
+    g_loss = torch.zeros((), device=x.device)
+    # The generator's view: the discriminators' weights frozen, and the raw module (not the DDP wrapper,
+    # whose reducer would wait for gradients that a frozen module never produces).
+    d_params = list(s.disc_module.parameters())
+    for p in d_params:
+        p.requires_grad_(False)
+    with acc.autocast():
+        judged = s.disc_module({i: torch.cat([reals[i], fakes[i]]) if fm else fakes[i] for i in fakes})
+    for p in d_params:
+        p.requires_grad_(True)
+    for i, (logits, feats) in judged.items():
+        n = fakes[i].shape[0]
+        terms[f"g_adv_{i}"] = a.weight * generator_loss(a.loss, logits[n:] if fm else logits)
+        g_loss = g_loss + terms[f"g_adv_{i}"]
+        if fm:
+            terms[f"fm_{i}"] = a.feature_matching * feature_matching([f[:n] for f in feats], [f[n:] for f in feats])
+            g_loss = g_loss + terms[f"fm_{i}"]
+    # The discriminators' view: real and generated images in one batch per stage, generated ones detached.
+    with acc.autocast():
+        judged = s.disc({i: torch.cat([reals[i], fakes[i].detach()]) for i in fakes})
+    d_loss = torch.zeros((), device=x.device)
+    for i, (logits, _) in judged.items():
+        n = fakes[i].shape[0]
+        d_loss = d_loss + discriminator_loss(a.loss, logits[:n], logits[n:])
+        terms[f"d_real_{i}"] = logits[:n].detach().float().mean()
+        terms[f"d_fake_{i}"] = logits[n:].detach().float().mean()
+    if nan_d:
+        d_loss = d_loss * float("nan")
+    terms["d_loss"] = d_loss
+    return g_loss, d_loss, terms
 
 
 class BufferBackup:
-    """Batch norm updates its running statistics during the forward pass, before the finite check can
+    """Batch norm (and spectral norm's power iteration, in the discriminators) updates its running statistics during the forward pass, before the finite check can
     run: a skipped step puts them back (one NaN batch would otherwise poison them, and through them the
     EMA and every later evaluation, for good). One foreach copy per dtype on the device each step.
 
     (Re-pointing the buffers into one flat tensor would make it a single copy, but checkpoints refuse
     tensors that share storage: safetensors will not load them.)"""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, *modules: torch.nn.Module):
         groups: dict[tuple, list[torch.Tensor]] = {}
-        for b in module.buffers():
+        for b in (b for m in modules for b in m.buffers()):
             groups.setdefault((b.device, b.dtype), []).append(b)
         self.groups = [(bufs, [b.detach().clone() for b in bufs]) for bufs in groups.values()]
 
@@ -156,8 +224,7 @@ class Counters:
 
 @dataclass
 class Setup:
-    """Everything a run holds, built once by `setup()` in order, after `prepare` has placed the model.
-    A second trained model (a discriminator, with its own optimizer) gets fields of its own here."""
+    """Everything a run holds, built once by `setup()` in order, after `prepare` has placed the models."""
     cfg: Config
     accelerator: object
     arch: ModelConfig
@@ -179,6 +246,15 @@ class Setup:
     buffers: BufferBackup
     counters: Counters = field(default_factory=Counters)
     t_start: float = field(default_factory=time.time)
+    # Adversarial stages (adv.stages); None without them.
+    disc: torch.nn.Module | None = None  # as prepared (DDP around StageDiscriminators)
+    disc_module: torch.nn.Module | None = None  # the same module unwrapped: the generator's frozen view
+    d_optimizer: object = None
+    disc_sizes: dict[int, int] = field(default_factory=dict)  # {stage: resolution}
+
+    def adv_active(self) -> bool:
+        """The generator term and the discriminators' training are on from update adv.start."""
+        return self.disc is not None and self.counters.updates >= self.cfg.adv.start
 
     @property
     def rank(self) -> int:
@@ -279,6 +355,32 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, device, is_ds: bool) -> 
                             weight_decay=cfg.train.weight_decay, **fused)
 
 
+def build_discriminators(cfg: Config, device, is_ds: bool, fresh: bool):
+    """The adversarial stages' discriminators and their Adam (constant adv.lr), or (None, None)."""
+    if not cfg.adv.stages:
+        return None, None
+    if is_ds:
+        raise ValueError(
+            "adv.stages needs DDP: adversarial training is not supported under DeepSpeed. DeepSpeed steps inside "
+            "backward (so one finite check cannot gate both models), accelerate's backward drives only the first "
+            "engine, and both engines save as pytorch_model in one checkpoint. Launch without a DeepSpeed config, "
+            "e.g. accelerate launch --multi_gpu --num_processes N trainer/run.py ...")
+    torch.manual_seed(cfg.train.seed + 1)  # after the VAE: its initial weights are the plain run's
+    disc = StageDiscriminators(cfg.disc_config(), cfg.adv_sizes())
+    src = cfg.train.init_from
+    if src and fresh and has_discriminators(src):
+        loaded = load_discriminators(src)
+        if loaded.config != disc.config or loaded.sizes != disc.sizes:
+            raise ValueError(f"train.init_from={src}: its discriminators ({loaded.config}, stages {loaded.sizes}) "
+                             f"differ from adv.* ({disc.config}, stages {disc.sizes})")
+        disc.load_state_dict(loaded.state_dict())
+    if cfg.train.channels_last:
+        disc = disc.to(memory_format=torch.channels_last)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.adv.lr, betas=tuple(cfg.adv.betas), **fused)
+    return disc, d_opt
+
+
 def patch_deepspeed_config(cfg: Config, accelerator) -> None:
     """DeepSpeed reads the micro-batch and clipping from its config (we have no DataLoader). Under its
     fp16/bf16 modes it casts parameters but leaves buffers in fp32, and batch norm then refuses bf16
@@ -303,13 +405,17 @@ def setup(cfg: Config) -> Setup:
     arch = cfg.model.architecture()
     model = build_model(cfg, arch, accelerator.device, fresh=resume_state is None)
     optimizer = make_optimizer(cfg, model, accelerator.device, is_ds)
+    disc, d_optimizer = build_discriminators(cfg, accelerator.device, is_ds, fresh=resume_state is None)
     loss_fn = nstage_loss
     if cfg.train.compile:
         model = torch.compile(model, mode=cfg.train.compile_mode)
         loss_fn = torch.compile(nstage_loss)  # fuses the per-stage losses' elementwise kernels
     if is_ds:
         patch_deepspeed_config(cfg, accelerator)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if disc is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # one call, this order: checkpoints hold the VAE as model.safetensors, the discriminators as model_1
+        model, optimizer, disc, d_optimizer = accelerator.prepare(model, optimizer, disc, d_optimizer)
     ema = None
     if cfg.train.ema_decay > 0:  # after prepare: on the device, from the weights as placed
         with full_params(model, is_ds):
@@ -328,7 +434,9 @@ def setup(cfg: Config) -> Setup:
         # Every rank's stream yields exactly batch_size rows (asserted per micro-batch), so one optimizer
         # step sees this many images: the invariant the LR and the logs rely on.
         global_batch=cfg.train.batch_size * cfg.train.grad_accum * world,
-        buffers=BufferBackup(accelerator.unwrap_model(model)))
+        buffers=BufferBackup(*(accelerator.unwrap_model(m) for m in (model, disc) if m is not None)),
+        disc=disc, disc_module=accelerator.unwrap_model(disc) if disc is not None else None,
+        d_optimizer=d_optimizer, disc_sizes=cfg.adv_sizes() if disc is not None else {})
     if resume_state is not None:
         resume(s, resume_path, resume_state)
     s.batches = Prefetcher(s.train_stream, accelerator.device, s.compute_dtype, cfg.train.channels_last)
@@ -351,6 +459,10 @@ def resume(s: Setup, path: str, state: dict) -> None:
     if s.is_ds and saved_world != s.world:  # before load_state, which fails with DeepSpeed's own error
         raise RuntimeError(f"checkpoint {path} was written by {saved_world} DeepSpeed ranks; "
                            f"resume it with {saved_world} processes (ZeRO shards are per rank)")
+    if s.disc is not None and not os.path.isfile(os.path.join(path, "model_1.safetensors")):
+        raise RuntimeError(f"checkpoint {path} holds no discriminators, but adv.stages={s.cfg.adv.stages}: resume "
+                           f"it without adv.*, or export it (python -m trainer.export {s.run_dir} --out DIR) and "
+                           f"start a new adversarial run with train.init_from=DIR")
     acc.load_state(path)
     s.counters = Counters(step=state["step"], updates=state["updates"], bad_streak=state.get("bad_streak", 0))
     ema_state = ckpt_lib.load_ema(path)
@@ -373,39 +485,49 @@ def resume(s: Setup, path: str, state: dict) -> None:
 class StepOut:
     terms: dict[str, float]  # this rank's loss terms, mean over the micro-batches
     grad_norm: float
+    d_grad_norm: float | None  # the discriminators' (adversarial runs, once on), else None
     skipped: bool  # non-finite on some rank: nothing was updated
     overflow: bool  # fp16: the GradScaler skipped the update and lowered its scale
     stop: bool  # a stop request (signal or STOP file) on some rank
     timed_out: bool  # train.max_time reached on some rank
 
 
-def _nan_injected(cfg: Config, step: int, rank: int) -> bool:
-    """Test hook `train.inject_nan=STEP:RANK`: that rank's batches hold a NaN from that step on."""
+def _nan_injected(cfg: Config, step: int, rank: int, target: str = "input") -> bool:
+    """Test hook `train.inject_nan=STEP:RANK[:TARGET]`: from that step on, that rank's batches hold a NaN
+    (TARGET `input`, the default) or its discriminators' loss is NaN (TARGET `d_loss`)."""
     if not cfg.train.inject_nan:
         return False
-    nan_step, nan_rank = (int(v) for v in cfg.train.inject_nan.split(":"))
-    return step + 1 >= nan_step and rank == nan_rank
+    nan_step, nan_rank, *rest = cfg.train.inject_nan.split(":")
+    return step + 1 >= int(nan_step) and rank == int(nan_rank) and (rest[0] if rest else "input") == target
 
 
-def _micro_batches(s: Setup) -> tuple[list[str], torch.Tensor]:
-    """Forward, loss and backward of each micro-batch; returns the term names and their mean on the device."""
+def _micro_batches(s: Setup, adv: bool) -> tuple[list[str], torch.Tensor]:
+    """Forward, loss and backward of each micro-batch (with the discriminators' when `adv`); returns the
+    term names and their mean on the device."""
     cfg, acc, c = s.cfg, s.accelerator, s.counters
     total, names = None, None
+    models = (s.model, s.disc) if s.disc is not None else (s.model,)
     for micro in range(cfg.train.grad_accum):
-        with acc.accumulate(s.model):
+        with acc.accumulate(*models):
             x = s.batches.take()
             assert x.shape[0] == cfg.train.batch_size, f"rank {s.rank} got a batch of {x.shape[0]}"
             if _nan_injected(cfg, c.step, s.rank):
                 x = x.clone()
                 x[0, 0, 0, 0] = float("nan")
             eps = global_eps(cfg, c.step, micro, s.rank, s.world, x.shape[0], s.device)
-            loss, terms = forward_loss(s.model, x, eps, s.arch, acc, s.loss_fn)
+            loss, terms, out = forward_loss(s.model, x, eps, s.arch, acc, s.loss_fn)
+            d_loss = None
+            if adv:
+                g_loss, d_loss, adv_terms = adversarial_losses(s, x, out["images"],
+                                                               _nan_injected(cfg, c.step, s.rank, "d_loss"))
+                loss = loss + g_loss
+                terms = {**terms, **adv_terms}
             # DeepSpeed steps inside backward, so there a non-finite loss on any rank skips the
             # backward on every rank (they agree through the reduced flag).
             if s.is_ds and all_reduce_max((~torch.isfinite(loss)).float().reshape(1)).item():
                 loss = torch.full_like(loss, float("nan"))
             else:
-                acc.backward(loss)
+                acc.backward(loss if d_loss is None else loss + d_loss)  # one backward for both models
             s.batches.fetch()  # the next input, while the backward runs
             names = ["loss", *terms]
             vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
@@ -431,41 +553,56 @@ def train_step(s: Setup) -> StepOut:
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     restore_scale = _inject_overflow(s)
+    adv = s.adv_active()
     s.buffers.save()
-    names, terms = _micro_batches(s)
-    bad_local = ~torch.isfinite(terms[0])
+    names, terms = _micro_batches(s, adv)
+    checked = [0, names.index("d_loss")] if adv else [0]  # the VAE's loss and the discriminators'
+    bad_local = ~torch.isfinite(terms[checked]).all()
     if s.is_ds:
-        grad_norm = torch.full((), float("nan"), device=s.device)
+        norms = torch.full((1,), float("nan"), device=s.device)
     else:
         # Unscaled first under fp16; an overflow shows as a non-finite norm with a finite loss.
-        grad_norm = grad_norm_and_clip(acc, s.model, cfg.train.clip_grad)
+        norms = grad_norms(s, adv)
         if s.scaler is None:
-            bad_local = bad_local | ~torch.isfinite(grad_norm)
+            bad_local = bad_local | ~torch.isfinite(norms).all()
     timed_out = cfg.train.max_time > 0 and time.time() - s.t_start >= cfg.train.max_time
     host = torch.tensor([float(s.stop.requested()), float(timed_out)])
     flags = all_reduce_max(torch.cat([bad_local.float().reshape(1), host.to(s.device, non_blocking=True)]))
-    got = torch.cat([flags, terms, grad_norm.float().reshape(1).to(s.device)]).tolist()  # the one host sync
+    got = torch.cat([flags, terms, norms.float().to(s.device)]).tolist()  # the one host sync
     bad, stop_now, time_now = (bool(v) for v in got[:3])
-    out = StepOut(terms=dict(zip(names, got[3:-1])), grad_norm=got[-1], skipped=bad, overflow=False,
-                  stop=stop_now, timed_out=time_now)
+    k = 3 + len(names)
+    out = StepOut(terms=dict(zip(names, got[3:k])), grad_norm=got[k], d_grad_norm=got[k + 1] if adv else None,
+                  skipped=bad, overflow=False, stop=stop_now, timed_out=time_now)
+    # Under a GradScaler the norms are of the unscaled gradients: non-finite exactly when the scaler found
+    # an overflow (in either model), and then neither model steps. The norms are of the reduced gradients,
+    # so every rank decides alike.
+    overflow = not bad and s.scaler is not None and not all(math.isfinite(v) for v in got[k:])
     c.step += 1
-    if bad:
+    if bad or overflow:
         s.optimizer.zero_grad(set_to_none=True)
+        if adv:
+            s.d_optimizer.zero_grad(set_to_none=True)
         s.buffers.restore()
         if s.scaler is not None:
-            s.scaler.update()  # clears this step's unscale record (and backs the scale off)
+            s.scaler.update()  # clears this step's unscale record and backs the scale off
+    if bad:
         c.bad_streak += 1
+    elif overflow:  # neither the LR nor the EMA advances; not a bad step
+        out.overflow, c.bad_streak = True, 0
+        c.overflow_streak += 1
     else:
         c.bad_streak = 0
+        if adv:  # the discriminators first: accelerate's VAE step updates the shared GradScaler after it
+            if s.scaler is not None:
+                s.scaler.step(s.d_optimizer.optimizer)
+            else:
+                s.d_optimizer.step()
+            s.d_optimizer.zero_grad(set_to_none=True)
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
-        # Under a GradScaler the clip's norm is of the unscaled gradients: non-finite exactly when the scaler
-        # found an overflow and skipped. (accelerate's step_was_skipped cannot tell: a fused optimizer is
-        # always called and skips on the device.) DeepSpeed's own scaler reports through accelerate.
-        out.overflow = (s.scaler is not None and not math.isfinite(out.grad_norm)) or (
-            s.is_ds and bool(acc.optimizer_step_was_skipped))
+        out.overflow = s.is_ds and bool(acc.optimizer_step_was_skipped)  # DeepSpeed's own loss scaler
         c.overflow_streak = c.overflow_streak + 1 if out.overflow else 0
-        if out.overflow:  # neither the LR nor the EMA advances
+        if out.overflow:
             s.buffers.restore()
         else:
             c.updates += 1
@@ -514,6 +651,8 @@ class Periodic:
         lr = lr_at(max(s.counters.updates - 1, 0), s.cfg)  # of the last applied update: skips do not advance it
         row = {"step": step, **mean_over_ranks(out.terms, s.device), "lr": lr, "grad_norm": out.grad_norm,
                "images_per_s": self.images / max(now - self.t_log, 1e-9)}
+        if out.d_grad_norm is not None:
+            row["d_grad_norm"] = out.d_grad_norm
         if s.scaler is not None:
             row["loss_scale"] = s.scaler.get_scale()
         if out.skipped:
@@ -651,7 +790,7 @@ def evaluate(model, stream, cfg: Config, accelerator, compute_dtype) -> dict[str
             x = to_model_input(batch, accelerator.device, compute_dtype, cfg.train.channels_last)
             eps = global_eps(cfg, 10**9 + i, 0, accelerator.process_index, accelerator.num_processes, x.shape[0],
                              x.device)
-            loss, terms = forward_loss(model, x, eps, arch, accelerator)
+            loss, terms, _ = forward_loss(model, x, eps, arch, accelerator)
             for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             n += 1
