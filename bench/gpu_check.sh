@@ -8,13 +8,14 @@
 #   1. the GPUs (nvidia-smi, then name, memory and driver as CSV) and the versions of python, torch,
 #      CUDA, cuDNN, accelerate, deepspeed, webdataset and omegaconf;
 #   2. the GPU test suite, `python -m pytest -m gpu tests/gpu -v -rA --durations=15` (about 2-4 minutes):
-#      bf16, fp16 with a real loss-scale overflow, DeepSpeed ZeRO-1/2/3 (bf16) and exporting a ZeRO-3
-#      checkpoint, torch.compile, SyncBatchNorm, SIGTERM then resume against uninterrupted runs (it prints
+#      bf16, fp16 with a real loss-scale overflow, the adversarial refiner in bf16 and fp16, DeepSpeed
+#      ZeRO-1/2/3 (bf16) and exporting a ZeRO-3 checkpoint, torch.compile, SyncBatchNorm, SIGTERM then resume against uninterrupted runs (it prints
 #      the measured run-to-run noise), sampling, evaluation under accelerate launch, the loop benchmark;
 #      with 2 GPUs also DDP parity, ZeRO-2 on 2 processes and SyncBatchNorm across GPUs (else skipped,
 #      with the reason). Its runs are tiny models on synthetic data, several at a time on the GPU;
 #   3. the training benchmark `python bench/train.py --config celeba128 --batch 32 --device cuda
-#      --mixed-precision bf16 --channels-last` (images/s and model FLOP utilisation; about 2 minutes).
+#      --mixed-precision bf16 --channels-last --adv` (images/s and model FLOP utilisation, and the cost of
+#      the adversarial refiner per step; about 3 minutes).
 #
 # Exit status: 0 when every test passed (2-GPU tests skipped on one GPU) and the benchmark ran; else
 # non-zero (the suite's status if it failed, else the benchmark's; 124 means a time limit was reached).
@@ -22,7 +23,7 @@
 #
 # Runs from the repository without `pip install`: the repository is put on PYTHONPATH (an existing
 # PYTHONPATH is kept after it). Python: $PYTHON, else `python` if there is one, else `python3`.
-# Time limits (seconds): GPU_CHECK_TEST_TIMEOUT (default 300), GPU_CHECK_BENCH_TIMEOUT (default 150).
+# Time limits (seconds): GPU_CHECK_TEST_TIMEOUT (default 300), GPU_CHECK_BENCH_TIMEOUT (default 240).
 # GPU_CHECK_BENCH_ARGS: extra arguments for the benchmark (e.g. "--modes eager" to skip its compiled loops).
 set -u -o pipefail
 
@@ -33,7 +34,7 @@ if [ -z "${PYTHON:-}" ]; then
     if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-300}
-BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-150}
+BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-240}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset NSTAGE_GPU_TESTS_ON_CPU  # the suite's CPU dry run (a development aid) must not stand in for the GPU
@@ -97,7 +98,7 @@ step "GPU tests" timeout -k 30 "$TEST_TIMEOUT" \
 tests_rc=$?
 
 step "training benchmark" timeout -k 15 "$BENCH_TIMEOUT" "$PYTHON" bench/train.py --config celeba128 --batch 32 \
-    --device cuda --mixed-precision bf16 --channels-last ${GPU_CHECK_BENCH_ARGS:-}
+    --device cuda --mixed-precision bf16 --channels-last --adv ${GPU_CHECK_BENCH_ARGS:-}
 bench_rc=$?
 
 say ""

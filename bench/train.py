@@ -5,6 +5,7 @@ data, precision and batch.
     python bench/train.py --config celeba128 --batch 32 --device cuda --mixed-precision bf16 --channels-last
     python bench/train.py --config celeba128 --batch 32 --device cuda --mixed-precision bf16 --channels-last \\
         --json bench.json --sweep                           # plus the batch-size curve (longer)
+    python bench/train.py --config celeba128 ... --adv         # plus ours with the adversarial refiner on
 
 Loops, each timed over `--steps` steps in intervals of `--interval` (the first interval is warm-up:
 allocator, cuDNN autotuning, compilation; it is dropped):
@@ -19,6 +20,9 @@ allocator, cuDNN autotuning, compilation; it is dropped):
                 (it says "stopped by STOP file") instead of evaluating, sampling and exporting.
 Every loop uses the trainer's optimizer settings: Adam with its lr, betas and weight decay, fused on CUDA
 (torch's default foreach on CPU); on CUDA all run with cudnn.benchmark on, as the trainer sets it.
+  ours + adversarial  with `--adv`: ours on the adversarial preset (`--adv-config`, default the config's
+                `*_msvae_adv` sibling) with `adv.start=0`, so the discriminator trains from the first step; printed as
+                `adv_cost_<mode>=<its time per step / ours'>`. Its MFU counts the VAE's FLOPs only (n/a).
 Modes (`--modes`): eager, and compile (plain compiled as the trainer compiles: `torch.compile` of the model
 and of the loss; `train.compile=true` for ours; both in `--compile-mode`); default both on CUDA, eager on
 CPU. The loops alternate `--repeats` times; each row is the median of its per-interval images/s.
@@ -55,7 +59,8 @@ from trainer.data import SyntheticStream, to_model_input  # noqa: E402
 
 PAPER_IMAGES = 200_000 * 32  # the paper's CelebA budget: 200k steps at batch 32
 LOOPS = ("handwritten", "plain", "ours")
-LABEL = {"handwritten": "hand-written", "plain": "plain", "ours": "ours"}
+LABEL = {"handwritten": "hand-written", "plain": "plain", "ours": "ours", "ours_adv": "ours + adversarial"}
+ADV_PRESETS = {"mnist": "mnist_msvae_adv", "celeba128": "celeba128_msvae_adv", "photo128_msvae": "photo128_msvae_adv"}
 GIB = 2**30
 HANDWRITTEN_BATCHES = 4  # distinct batches the hand-written loop keeps on the device and cycles through
 
@@ -240,9 +245,15 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in msg or "alloc_failed" in msg
 
 
-def summary(rates: list[float], flops: float, peak_tflops: float, device: str) -> dict:
+def adv_disc_params(cfg: Config):
+    from models.discriminator import StageDiscriminators
+    return StageDiscriminators(cfg.disc_config(), cfg.adv_sizes()).parameters()
+
+
+def summary(rates: list[float], flops: float | None, peak_tflops: float, device: str) -> dict:
     ips = statistics.median(rates)
-    return {"images_per_s": ips, "mfu": ips * flops / (peak_tflops * 1e12) if device == "cuda" else None,
+    mfu = ips * flops / (peak_tflops * 1e12) if device == "cuda" and flops is not None else None
+    return {"images_per_s": ips, "mfu": mfu,
             "hours_to_paper_images": PAPER_IMAGES / ips / 3600}
 
 
@@ -320,8 +331,15 @@ def main() -> int:
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
     p.add_argument("--sweep", action="store_true", help="then ours' images/s per batch, doubling until out of memory")
     p.add_argument("--sweep-max", type=int, default=8192, help="largest batch the sweep tries")
+    p.add_argument("--adv", action="store_true", help="also run ours on the config's adversarial sibling preset")
+    p.add_argument("--adv-config", default="", help="that preset (default: the config's *_msvae_adv)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for trainer/run.py")
     a = p.parse_args()
+    if a.adv and not a.adv_config:
+        if a.config not in ADV_PRESETS:
+            p.error(f"--adv: no adversarial sibling known for --config {a.config}; name one with --adv-config")
+        a.adv_config = ADV_PRESETS[a.config]
+    a.adv = a.adv_config if (a.adv or a.adv_config) else ""
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no GPU")
@@ -372,6 +390,14 @@ def main() -> int:
         print(f"skipping the {LABEL[name]} loop: {why}")
     plan = [(loop, mode) for mode in modes for loop in LOOPS
             if loop in loops and loop not in skipped and (mode == "eager" or loop != "handwritten")]
+    if a.adv:
+        adv_cfg = load_config(a.adv, overrides)
+        if not adv_cfg.adv.stages:
+            p.error(f"--adv {a.adv}: that preset has no adv.stages")
+        print(f"adversarial: {a.adv}, stages {adv_cfg.adv.stages}, discriminator parameters "
+              f"{sum(q.numel() for q in adv_disc_params(adv_cfg))}", flush=True)
+        plan = [(loop, mode) for mode in modes for loop in (*LOOPS, "ours_adv")
+                if (loop, mode) in plan or (loop == "ours_adv" and "ours" in loops)]
 
     def ours_overrides(mode: str) -> list[str]:
         compiled = mode == "compile"
@@ -385,7 +411,10 @@ def main() -> int:
         if loop == "plain":
             how = {"mode": a.compile_mode} if mode == "compile" else None
             return lambda: plain_loop(cfg, a.steps, a.interval, a.device, dtype, how)
-        ours_cfg = load_config(a.config, ours_overrides(mode))
+        if loop == "ours_adv":
+            ours_cfg = load_config(a.adv, [*ours_overrides(mode), "adv.start=0"])
+        else:
+            ours_cfg = load_config(a.config, ours_overrides(mode))
         return lambda: our_loop(ours_cfg, a.steps, a.interval)
 
     rates = {key: [] for key in plan}
@@ -400,7 +429,8 @@ def main() -> int:
             print(f"repeat {r}: {LABEL[loop]} {mode}: {statistics.median(got):.1f} img/s (median of {len(got)} "
                   f"intervals), peak {fmt(peak, '.2f', ' GiB')}, {secs:.1f} s", flush=True)
 
-    rows = [{"loop": loop, "mode": mode, **summary(rates[loop, mode], flops, a.peak_tflops, a.device),
+    rows = [{"loop": loop, "mode": mode, **summary(rates[loop, mode], flops if loop != "ours_adv" else None,
+                                                   a.peak_tflops, a.device),
              "peak_memory_gib": peaks[loop, mode], "elapsed_s": elapsed[loop, mode],
              "interval_rates": rates[loop, mode]} for loop, mode in plan]
     print()
@@ -408,12 +438,14 @@ def main() -> int:
     print(flush=True)
     ips = {(r["loop"], r["mode"]): r["images_per_s"] for r in rows}
     ratio = {m: ips["ours", m] / ips["plain", m] for m in modes if ("ours", m) in ips and ("plain", m) in ips}
+    adv_cost = {m: ips["ours", m] / ips["ours_adv", m] for m in modes if ("ours_adv", m) in ips}
 
     results = {"config": a.config, "params": params, "batch": a.batch, "device": a.device, "gpu": gpu,
                "precision": a.mixed_precision, "channels_last": a.channels_last, "modes": modes,
                "compile_mode": a.compile_mode, "steps": a.steps, "interval": a.interval, "repeats": a.repeats,
                "torch": torch.__version__, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
-               "paper_images": PAPER_IMAGES, "rows": rows, "ratio": ratio, "skipped": skipped, "sweep": None}
+               "paper_images": PAPER_IMAGES, "rows": rows, "ratio": ratio, "skipped": skipped, "sweep": None,
+               "adv": a.adv or None, "adv_cost": adv_cost}
     write_json(a.json, results)  # now, so that a sweep that fails keeps these
     if a.sweep and "ours" not in loops:
         print("skipping the sweep: it runs ours, and --loops has no ours")
@@ -421,6 +453,8 @@ def main() -> int:
         best = max((m for m in modes if ("ours", m) in ips), key=lambda m: ips["ours", m])
         results["sweep"] = sweep(a, ours_overrides(best), best, flops, a.device)
         write_json(a.json, results)
+    for m, cost in adv_cost.items():
+        print(f"adv_cost_{m}={cost:.3f} (time per step of ours + adversarial / ours)")
     last = "eager" if "eager" in ratio else next(iter(ratio), None)
     for m in ratio:
         if m != last:

@@ -134,3 +134,26 @@ def test_sweep_stops_at_the_first_batch_that_runs_out_of_memory(monkeypatch):
     with pytest.raises(RuntimeError, match="shape mismatch"):
         bench.sweep(a, ["data.synthetic=true"], "eager", 1e9, "cpu")
     assert bench.is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"))
+
+
+@pytest.mark.slow
+def test_bench_adv_reports_the_adversarial_cost_beside_ours(tmp_path):
+    out = tmp_path / "bench.json"
+    lines = run_bench(tmp_path, "--steps", "4", "--interval", "2", "--repeats", "1", "--batch", "8", "--loops",
+                      "plain,ours", "--adv", "--json", str(out), *TINY)
+    d = json.loads(out.read_text())
+
+    assert d["adv"] == "mnist_msvae_adv"  # the default config's adversarial sibling
+    assert [(r["loop"], r["mode"]) for r in d["rows"]] == [("plain", "eager"), ("ours", "eager"), ("ours_adv", "eager")]
+    rows = {r["loop"]: r for r in d["rows"]}
+    assert rows["ours_adv"]["images_per_s"] > 0 and rows["ours_adv"]["mfu"] is None
+    assert d["adv_cost"]["eager"] == pytest.approx(rows["ours"]["images_per_s"] / rows["ours_adv"]["images_per_s"])
+    text = "\n".join(lines)
+    assert "| ours + adversarial | eager |" in text and f"adv_cost_eager={d['adv_cost']['eager']:.3f}" in text
+    assert lines[-1].startswith("ratio=")  # still the last line scripts read
+
+
+def test_bench_adv_needs_a_known_sibling_or_a_preset(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--config", "mnist_vae", "--adv"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--adv-config" in r.stderr

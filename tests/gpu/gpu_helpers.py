@@ -56,6 +56,8 @@ LONG = [*TINY, f"train.max_steps={LONG_STEPS}", "train.ckpt_every=50", "train.ev
 STOP_AT = 30  # the SIGTERM run is signalled once metrics.jsonl shows this step
 OVERFLOW_STEP = 12  # fp16: train.inject_overflow; late enough that the scaler's own first back-offs are over
 FP16 = [*TINY, f"train.inject_overflow={OVERFLOW_STEP}", "train.warmup_steps=100", "train.max_bad_steps=1"]
+# The adversarial refiner on stage 2 from the first update: a tiny spectral-norm PatchGAN beside TINY.
+ADV = ["adv.stages=[2]", "adv.width=8", "adv.num_layers=2", "adv.start=0", "adv.feature_matching=1.0"]
 
 
 def precision(p: str) -> str:
@@ -356,6 +358,8 @@ RUNS: dict[str, Spec] = {
     "bf16_again": Spec(lambda d: train(d / "run", LONG)),
     "fp16_overflow": Spec(lambda d: train(d / "run", FP16, mixed_precision="fp16")),
     "sync_bn": Spec(lambda d: train(d / "run", [*TINY, "model.sync_bn=true"])),
+    "adv_bf16": Spec(lambda d: train(d / "run", [*TINY, *ADV])),
+    "adv_fp16": Spec(lambda d: train(d / "run", [*FP16, *ADV], mixed_precision="fp16")),
     "shards": Spec(_mnist_like_shards),
     "sample": Spec(lambda d, bf16: command(d, "sample", [
         "-m", "trainer.sample", str(bf16.dir / "export"), "--device", DEVICE, "--n", "16",

@@ -99,3 +99,27 @@ def test_compile_and_sync_bn_train_to_the_end(pool, name):
     run = pool.result(name)
     assert_finished(run, 20)
     assert len(train_rows(run.rows)) == 20
+
+
+@pytest.mark.gpu_runs("adv_bf16", "adv_fp16")
+def test_adversarial_refiner_trains_in_bf16_and_fp16_and_exports_the_vae_only(pool):
+    """Two models on the GPU: the spectral-norm discriminator beside the VAE, both stepping from update 0.
+    bf16 finishes with finite discriminator terms on every row; fp16's injected overflow skips both
+    models' steps (the run finishes with train.max_bad_steps=1); the exports hold the VAE only."""
+    from safetensors.torch import load_file
+
+    bf16, fp16 = pool.result("adv_bf16"), pool.result("adv_fp16")
+    assert_finished(bf16, 20)
+    ok(fp16)
+    assert fp16.status()["state"] == "finished", fp16.status()  # its overflow row's grad norm is inf
+    for run in (bf16, fp16):
+        rows = train_rows(run.rows)
+        assert all(k in r and math.isfinite(r[k]) for r in rows if not r.get("overflow")
+                   for k in ("d_loss", "g_adv_2", "fm_2", "d_real_2", "d_fake_2", "d_grad_norm")), rows[-1]
+        ckpt = run.dir / "checkpoints" / "step-0000020"
+        assert (ckpt / "model_1.safetensors").is_file(), "the checkpoint holds no discriminators"
+        assert not any("nets." in k for k in load_file(str(run.dir / "export" / "model.safetensors")))
+    overflow = [r["step"] for r in train_rows(fp16.rows) if r.get("overflow")]
+    assert OVERFLOW_STEP in overflow, overflow
+    state = json.loads((fp16.dir / "checkpoints" / "step-0000020" / "trainer_state.json").read_text())
+    assert state["updates"] == 20 - len(overflow)
