@@ -9,8 +9,9 @@
 #      CUDA, cuDNN, accelerate, deepspeed, webdataset and omegaconf;
 #   2. the GPU test suite, `python -m pytest -m gpu tests/gpu -v -rA --durations=15` (about 2-4 minutes):
 #      bf16, fp16 with a real loss-scale overflow, the adversarial refiner in bf16 and fp16, DeepSpeed
-#      ZeRO-1/2/3 (bf16) and exporting a ZeRO-3 checkpoint, torch.compile, SyncBatchNorm, SIGTERM then resume against uninterrupted runs (it prints
-#      the measured run-to-run noise), sampling, evaluation under accelerate launch, the loop benchmark;
+#      ZeRO-1/2/3 (bf16) and exporting a ZeRO-3 checkpoint, torch.compile, SyncBatchNorm, SIGTERM then
+#      resume against uninterrupted runs (it prints the measured run-to-run noise), sampling, evaluation
+#      under accelerate launch, the loop benchmark;
 #      with 2 GPUs also DDP parity, ZeRO-2 on 2 processes and SyncBatchNorm across GPUs (else skipped,
 #      with the reason). Its runs are tiny models on synthetic data, several at a time on the GPU;
 #   3. the training benchmark `python bench/train.py --config celeba128 --batch 32 --device cuda
