@@ -49,6 +49,11 @@ from .images import stage_grid
 from .runlog import MetricsLog, run_info, write_status
 
 EXIT_OK = 0
+ADV_DEEPSPEED_ERROR = (
+    "adv.stages needs DDP: adversarial training is not supported under DeepSpeed. DeepSpeed steps inside "
+    "backward (so one finite check cannot gate both models), accelerate's backward drives only the first "
+    "engine, and both engines save as pytorch_model in one checkpoint. Launch without a DeepSpeed config, "
+    "e.g. accelerate launch --multi_gpu --num_processes N trainer/run.py ... (DDP)")
 # fp16: this many overflows in a row (the loss scale fell by 2**64) means the gradients are non-finite
 # whatever the scale, not large: the run aborts as for a non-finite loss.
 MAX_OVERFLOW_STREAK = 64
@@ -360,11 +365,7 @@ def build_discriminators(cfg: Config, device, is_ds: bool, fresh: bool):
     if not cfg.adv.stages:
         return None, None
     if is_ds:
-        raise ValueError(
-            "adv.stages needs DDP: adversarial training is not supported under DeepSpeed. DeepSpeed steps inside "
-            "backward (so one finite check cannot gate both models), accelerate's backward drives only the first "
-            "engine, and both engines save as pytorch_model in one checkpoint. Launch without a DeepSpeed config, "
-            "e.g. accelerate launch --multi_gpu --num_processes N trainer/run.py ...")
+        raise ValueError(ADV_DEEPSPEED_ERROR)
     torch.manual_seed(cfg.train.seed + 1)  # after the VAE: its initial weights are the plain run's
     disc = StageDiscriminators(cfg.disc_config(), cfg.adv_sizes())
     src = cfg.train.init_from
@@ -396,6 +397,8 @@ def patch_deepspeed_config(cfg: Config, accelerator) -> None:
 def setup(cfg: Config) -> Setup:
     accelerator = make_accelerator(cfg)
     is_ds = accelerator.distributed_type.name == "DEEPSPEED"
+    if is_ds and cfg.adv.stages:  # before anything is written into run.dir
+        raise ValueError(ADV_DEEPSPEED_ERROR)
     resume_path, resume_state, config_yaml = prepare_run_dir(cfg, accelerator)
     stop = StopRequest(cfg.run.dir)
     if cfg.train.channels_last and is_ds:

@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"config error: {msg}", file=sys.stderr)
         return 2
-    from trainer.loop import train
+    from trainer.loop import ADV_DEEPSPEED_ERROR, train
+    if cfg.adv.stages and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1"):
+        print(f"config error: {ADV_DEEPSPEED_ERROR}", file=sys.stderr)
+        return 2
     return train(cfg)
 
 
