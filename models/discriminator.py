@@ -17,7 +17,10 @@ The form, and why:
   result as one big batch. Its power-iteration vectors `_u`, `_v` are buffers: checkpointed, restored
   on a skipped step, broadcast by DDP.
 - **Hinge loss** by default (SAGAN, BigGAN), the usual pair with spectral norm; `nonsat` is the
-  non-saturating logistic loss of the original GAN.
+  non-saturating logistic loss of the original GAN. (Under hinge, while no logit is past the margin, a
+  shift of every logit leaves both losses' gradients unchanged, so the head's bias gets a zero gradient
+  and Adam moves it by rounding noise: it shifts the logged `d_real_<i>`/`d_fake_<i>`/`g_adv_<i>` a
+  little, never the training gradients. Read `d_real - d_fake`, not either alone.)
 - **Feature matching** (Salimans et al. 2016) on the discriminator's own features: an l1 distance
   between the features of real and generated images at every layer, a perceptual-style term that needs
   no pretrained network.

@@ -108,17 +108,23 @@ def raw_state_from_checkpoint(ckpt: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{ckpt} holds neither model.safetensors nor a DeepSpeed pytorch_model folder")
 
 
+def discriminators_file(ckpt: str, cfg) -> str:
+    """An adversarial checkpoint's discriminator weights (accelerate's `model_1.safetensors`), or a clear error."""
+    if not cfg.adv.stages:
+        raise ValueError(f"{ckpt} is not an adversarial run (its adv.stages is empty): it has no discriminators")
+    f = os.path.join(ckpt, "model_1.safetensors")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{f} not found: the checkpoint holds no discriminators")
+    return f
+
+
 def export_discriminators(ckpt: str, cfg, out: str) -> str:
     """Write an adversarial checkpoint's discriminators (accelerate's `model_1.safetensors`) into out."""
     from safetensors.torch import load_file
 
     from models.discriminator import save_discriminators
 
-    if not cfg.adv.stages:
-        raise ValueError(f"{ckpt} is not an adversarial run (its adv.stages is empty): it has no discriminators")
-    f = os.path.join(ckpt, "model_1.safetensors")
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"{f} not found: the checkpoint holds no discriminators")
+    f = discriminators_file(ckpt, cfg)
     return save_discriminators(clean_state(load_file(f)), cfg.disc_config(), cfg.adv_sizes(), out,
                                extra={"adv": _yaml_to_dict(os.path.join(ckpt, "config.yaml")).get("adv", {})})
 
@@ -131,6 +137,8 @@ def export_checkpoint(path: str, out: str | None = None, weights: str = "ema", d
 
     ckpt = resolve_checkpoint(path)
     cfg = from_yaml_file(os.path.join(ckpt, "config.yaml"))
+    if discriminator:
+        discriminators_file(ckpt, cfg)  # refuse before writing anything (out may be the run's own export)
     state_info = read_json(os.path.join(ckpt, "trainer_state.json"))
     if weights == "ema":
         f = os.path.join(ckpt, "ema.safetensors")

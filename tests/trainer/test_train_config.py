@@ -176,3 +176,82 @@ def test_cpu_2proc_accelerate_config_starts_two_synced_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["world_size"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
+
+
+# ----------------------------------------------------------------------------- adv.* (adversarial refiner stages)
+ADV_TINY = ["adv.stages=[2]", "adv.width=8", "adv.num_layers=2"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adv.stages=[1]"], "adv.stages: 1 is not a refiner stage; refiners are stages 2..2 "
+                         "(1-based; stage 1 is the VAE's decoder)"),
+    (["adv.stages=[3]"], "adv.stages: 3 is not a refiner stage; refiners are stages 2..2"),
+    (["adv.stages=[2,2]"], "adv.stages: each stage once, got [2, 2]"),
+    (["adv.loss=wgan"], "adv.loss: must be one of hinge, nonsat, got 'wgan'"),
+    (["adv.num_layers=4"], "adv (stage 2, 28 px): num_layers=4 leaves no patch to judge at 28 px; "
+                           "use adv.num_layers <= 3"),
+    (["adv.width=0"], "width and num_layers must be >= 1, got 0, 2"),
+    (["adv.weight=-0.1"], "adv.weight, adv.feature_matching, adv.start and adv.clip_grad must be >= 0"),
+    (["adv.start=-1"], "adv.weight, adv.feature_matching, adv.start and adv.clip_grad must be >= 0"),
+    (["adv.lr=0"], "adv.lr must be a positive number and adv.betas two values"),
+    (["adv.betas=[0.5]"], "adv.lr must be a positive number and adv.betas two values"),
+])
+def test_bad_adv_settings_fail_naming_the_field(overrides, message):
+    with pytest.raises(ValueError) as e:
+        load_config("mnist", [*TINY, *ADV_TINY, *overrides])
+    assert message in str(e.value)
+
+
+def test_adv_stage_range_and_size_follow_the_architecture():
+    # 3 stages: refiners 2..3; 128 px (photo128): up to 5 stride-2 convs
+    with pytest.raises(ValueError, match=r"adv.stages: 4 is not a refiner stage; refiners are stages 2..3"):
+        load_config("mnist_3stage", ["adv.stages=[2,4]"])
+    assert load_config("mnist_3stage", ["adv.stages=[3,2]", "adv.num_layers=2"]).adv_sizes() == {2: 28, 3: 28}
+    with pytest.raises(ValueError, match=r"num_layers=6 leaves no patch to judge at 128 px; use adv.num_layers <= 5"):
+        load_config("photo128_msvae_adv", ["adv.num_layers=6"])
+    assert load_config("photo128_msvae_adv", ["adv.num_layers=5"]).adv.num_layers == 5
+
+
+def test_bad_adv_value_exits_2_before_creating_the_run_dir():
+    done = run_cli(*TINY, "adv.stages=[1]", "run.dir=/nonexistent/never-created")
+    assert done.returncode == 2, done.stderr
+    assert "config error: adv.stages: 1 is not a refiner stage" in done.stderr
+    assert not os.path.exists("/nonexistent/never-created")
+    with pytest.raises(KeyError, match=r"valid keys under adv: adv.stages, adv.weight, adv.loss"):
+        load_config("mnist", ["adv.stagez=[2]"])
+
+
+def test_adv_off_by_default_and_the_disc_config_follows_adv_and_model():
+    cfg = load_config("mnist", TINY)
+    assert cfg.adv.stages == [] and cfg.adv_sizes() == {}
+    cfg = load_config("mnist", [*TINY, *ADV_TINY, "adv.spectral_norm=false"])
+    d = cfg.disc_config()
+    assert (d.channels, d.width, d.num_layers, d.spectral_norm) == (1, 8, 2, False)
+    assert cfg.adv_sizes() == {2: 28}
+    # the d_loss target of the NaN hook stays text, as STEP:RANK does
+    assert load_config("mnist", ["train.inject_nan=3:1:d_loss"]).train.inject_nan == "3:1:d_loss"
+
+
+def test_adv_section_round_trips_through_the_runs_config_yaml(tmp_path):
+    """trainer.export rebuilds the discriminators' config from a checkpoint's config.yaml."""
+    from trainer.config import from_yaml_file
+
+    cfg = load_config("mnist", [*TINY, *ADV_TINY, "adv.loss=nonsat", "adv.start=7", "adv.betas=[0.0,0.9]"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    back = from_yaml_file(str(tmp_path / "config.yaml"))
+    assert back.adv == cfg.adv and back.disc_config() == cfg.disc_config() and back.adv_sizes() == {2: 28}
+
+
+@pytest.mark.parametrize("adv_preset, plain_preset", [
+    ("mnist_msvae_adv", "mnist"), ("photo128_msvae_adv", "photo128_msvae"), ("celeba128_msvae_adv", "celeba128"),
+])
+def test_adv_presets_are_their_plain_preset_plus_adv(adv_preset, plain_preset):
+    """What the presets' comments promise: the same model, data and training, and a discriminator on stage 2
+    switched on after a pixel-loss phase."""
+    adv, plain = load_config(adv_preset), load_config(plain_preset)
+    assert adv.model.architecture() == plain.model.architecture()
+    assert adv.train == plain.train and adv.data == plain.data
+    assert adv.adv.stages == [2] and 0 < adv.adv.start < adv.train.max_steps
+    assert plain.adv.stages == []
+    size = adv.adv_sizes()[2]
+    assert adv.disc_config().out_size(size) >= 1

@@ -100,20 +100,61 @@ def train(run_dir: Path, *overrides: str, procs: int = 1, deepspeed: bool = Fals
     return Launch(run_dir, *overrides, procs=procs, deepspeed=deepspeed, **kw).wait(timeout)
 
 
-def assert_curves_close(a: list[dict], b: list[dict], rtol: float, grad_rtol: float | None = None) -> None:
+def assert_curves_close(a: list[dict], b: list[dict], rtol: float, grad_rtol: float | None = None,
+                        extra: tuple[str, ...] = ()) -> None:
     """Loss terms agree within rtol x the row's loss, lr and grad_norm within rtol (grad_rtol) of
-    themselves; rtol=0 asks for bitwise-equal numbers."""
-    ca, cb = curve(a), curve(b)
+    themselves; rtol=0 asks for bitwise-equal numbers. `extra`: more keys to compare (e.g. ADV_KEYS), each
+    as a loss term, or as a grad norm when its name ends in grad_norm."""
+    ca, cb = curve(a) + _extra_curve(a, extra), curve(b) + _extra_curve(b, extra)
     assert [x[:2] for x in ca] == [x[:2] for x in cb], "the runs logged different rows or keys"
     bad = []
     for (step, key, x, _), (_, _, y, scale) in zip(ca, cb):
-        if key == "grad_norm":
+        if key.endswith("grad_norm"):
             tol = (rtol if grad_rtol is None else grad_rtol) * abs(y)
         else:
             tol = rtol * (abs(y) if key == "lr" else scale)
         if not abs(x - y) <= tol:
             bad.append((step, key, x, y))
     assert not bad, f"{len(bad)} values differ beyond rtol={rtol} (grad_rtol={grad_rtol}); first: {bad[:5]}"
+
+
+# What an adversarial run on stage 2 logs besides the plain model's terms (once adv.start is reached).
+ADV_KEYS = ("g_adv_2", "fm_2", "d_loss", "d_real_2", "d_fake_2", "d_grad_norm")
+
+
+def _extra_curve(rows: list[dict], keys: tuple[str, ...]) -> list[tuple]:
+    """`curve`'s (step, key, value, scale) for keys outside CURVE_KEYS."""
+    return [(r["step"], k, r[k], abs(r.get("loss", r.get("val_loss", 0.0)))) for r in rows for k in keys if k in r]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """The rows less images_per_s: everything else two runs of the same computation log alike."""
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+
+
+def assert_rows_equal(a: list[dict], b: list[dict]) -> None:
+    """Bitwise: the same rows with the same keys and equal values (NaN equal to NaN), timing aside."""
+    a, b = without_timing(a), without_timing(b)
+    assert [(r["step"], sorted(r)) for r in a] == [(r["step"], sorted(r)) for r in b], \
+        "the runs logged different rows or keys"
+    same = lambda x, y: x == y or (isinstance(x, float) and isinstance(y, float) and x != x and y != y)  # noqa: E731
+    bad = [(x["step"], k, x[k], y[k]) for x, y in zip(a, b) for k in x if not same(x[k], y[k])]
+    assert not bad, f"{len(bad)} values differ; first: {bad[:5]}"
+
+
+def optimizer_state(path: Path) -> dict:
+    """An `optimizer*.bin` that accelerate's save_state wrote (a torch state dict; no pickled objects)."""
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def assert_optimizer_states_equal(a: dict, b: dict) -> None:
+    """Equal Adam moments and step counts, and equal param groups but for lr (the trainer sets it each step)."""
+    groups = lambda s: [{k: v for k, v in g.items() if k != "lr"} for g in s["param_groups"]]  # noqa: E731
+    assert groups(a) == groups(b)
+    assert a["state"].keys() == b["state"].keys()
+    diff = [(i, k) for i in a["state"] for k in a["state"][i]
+            if not torch.equal(torch.as_tensor(a["state"][i][k]), torch.as_tensor(b["state"][i][k]))]
+    assert not diff, f"{len(diff)} optimizer state tensors differ, e.g. {diff[:3]}"
 
 
 def assert_tensors_equal(a: dict, b: dict) -> None:
