@@ -1,6 +1,7 @@
-"""Run a comparison grid (VAE, deep residual VAE, 2- and 3-stage VAE) through the toolkit's own CLIs.
+"""Run a comparison grid (VAE, deep residual VAE, 2- and 3-stage VAE, 2-stage VAE with an adversarial
+refiner) through the toolkit's own CLIs.
 
-    python experiments/grid.py mnist                          # 5 models x seeds 0 1: train, export, evaluate, report
+    python experiments/grid.py mnist                          # 6 models x seeds 0 1: train, export, evaluate, report
     python experiments/grid.py mnist --seeds 0 1 2 --n-eval 2000
     python experiments/grid.py mnist --row msvae-s1           # (re-)run one row; finished phases are skipped
     python experiments/grid.py mnist --row msvae-s1 --force   # redo that row from scratch
@@ -21,7 +22,13 @@ train command is run again and the trainer resumes from its newest checkpoint. I
 
 Results: `<results>/<grid>.json` (every row, its commands and numbers, plus mean and spread per model),
 `<grid>.md` (tables, each number with its command), `<grid>_samples.png` (rows of samples per model,
-every stage), `<grid>_recon.png`, `<grid>_loss.png` (loss curves).
+every stage), `<grid>_recon.png`, `<grid>_loss.png` (loss curves), `<grid>_adv.png` (discriminator and
+adversarial terms of the adversarial rows).
+
+A report keeps the rows of the previous `<results>/<grid>.json` whose run directories are not on this machine
+(their numbers copied unchanged, marked "kept from the previous report"). A figure that needs run directories
+is then not redrawn: the previous one is kept, and the models whose pictures are here get their own
+`<grid>_<kind>_<models>.png`; `<grid>.md` and the JSON's meta.figures say which rows each figure shows.
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ RESULTS = REPO / "experiments" / "results"
 GRIDS = {
     "mnist": {
         "models": {"vae": "mnist_vae", "resvae": "mnist_resvae", "msvae": "mnist", "msvae3": "mnist_3stage",
-                   "vae_halfkl": "mnist_vae"},
+                   "vae_halfkl": "mnist_vae", "msvae_adv": "mnist_msvae_adv"},
         # Controls: a preset plus overrides. vae_halfkl separates "more stages" from "less KL pressure": every
         # stage adds a reconstruction term of weight 1 against one KL term, so msvae's KL weighs half as much
         # relative to its reconstruction terms as the plain VAE's.
@@ -56,7 +63,7 @@ GRIDS = {
     },
     "photos": {
         "models": {"vae": "photo128_vae", "resvae": "photo128_resvae", "msvae": "photo128_msvae",
-                   "msvae3": "photo128_3stage"},
+                   "msvae3": "photo128_3stage", "msvae_adv": "photo128_msvae_adv"},
         "shards": "data/photos128",
         "n_eval": 100,  # of the 252 held-out crops (the CPU budget; --n-eval 250 takes all that batches of 50 give)
         "quick": {"model.encoder.channels=[4,8,8]", "model.latent_dim=8"},
@@ -69,6 +76,10 @@ QUICK_STAGES = {
     "msvae": ["model.stages.0.channels=[8,8,4]", "model.stages.1.width=4", "model.stages.1.num_blocks=1"],
     "msvae3": ["model.stages.0.channels=[8,8,4]", "model.stages.1.width=4", "model.stages.1.num_blocks=1",
                "model.stages.2.width=4", "model.stages.2.num_blocks=1"],
+    # msvae's tiny stages plus a tiny discriminator that is on from the second update (the switch-on is
+    # exercised too); the presets' adv.num_layers (2 at 28 px, 3 at 128 px) fit the grids' image sizes.
+    "msvae_adv": ["model.stages.0.channels=[8,8,4]", "model.stages.1.width=4", "model.stages.1.num_blocks=1",
+                  "adv.width=4", "adv.start=1"],
 }
 def overrides_of(grid: str, model: str) -> list[str]:
     """The trainer overrides that make `model` a control of its preset (none for a plain preset)."""
@@ -455,12 +466,21 @@ def pretty(cmd: str) -> str:
     return cmd.replace(acc + " ", "accelerate ").replace(sys.executable + " ", "python ").replace(str(REPO) + "/", "")
 
 
-def render_markdown(grid: str, meta: dict, rows: list[dict], summary: dict, figures: dict) -> str:
+def render_markdown(grid: str, meta: dict, rows: list[dict], summary: dict, figures) -> str:
+    """figures: [(title, file, rows shown or None)] (or a {title: file} dict)."""
+    if isinstance(figures, dict):
+        figures = [(t, f, None) for t, f in figures.items()]
     lines = [f"## Grid `{grid}`", ""]
     lines += [f"Setting: {pretty(meta['setting'])}", "",
               "Mean ± sample standard deviation over the seeds listed (n = number of finished seeds). "
               "Regenerate every number of a model with the command in the last column; the exact CLI calls of "
               "each run are listed under *Runs*.", ""]
+    kept = [r["row"] for r in rows if r.get("kept_from")]
+    if kept:
+        lines += [f"Rows kept from the previous report ({len(kept)}: {', '.join(kept)}): their run directories are "
+                  f"not on the machine that made this report, so their numbers, commands and wall times are copied "
+                  f"unchanged from the previous `{grid}.json`, not recomputed. Running such a row again here would "
+                  "train it anew.", ""]
     head = ["model", "stage", "n"] + [c[0] for c in STAGE_COLUMNS] + ["command"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, m in summary.items():
@@ -489,13 +509,16 @@ def render_markdown(grid: str, meta: dict, rows: list[dict], summary: dict, figu
         one = lambda k, f, sc=1.0: f.format(last[0][k] * sc) if k in last[0] else "—"  # noqa: E731
         wall = f"{r['train_wall_s']:.0f}" if r.get("train_wall_s") else "—"
         status = r["status"] + (f" (evaluated at N = {r['eval_n_other']}, not {meta['n_eval']}: run its row "
-                                "again)" if r.get("eval_n_other") else "")
+                                "again)" if r.get("eval_n_other") else "") \
+            + (" (kept from the previous report)" if r.get("kept_from") else "")
         lines.append(f"| {r['row']} | {status} | {r['step']} | {r['train_invocations']} | {wall} | "
                      f"{one('samples.kid', '{:.1f}', 1e3)} | {one('recon.psnr', '{:.2f}')} | "
                      f"{one('samples.laplacian_variance_ratio', '{:.2f}')} | {cmds} |")
-    for title, path in figures.items():
+    for title, path, shown in figures:
         if path:
             lines += ["", f"![{title}]({path})"]
+            if shown:
+                lines += ["", f"*`{path}`: {title}; rows shown: {', '.join(shown)}.*"]
     return "\n".join(lines) + "\n"
 
 
@@ -570,34 +593,147 @@ def figure_losses(args, rows: list[dict], out: Path) -> str | None:
     return out.name
 
 
+def _adv_logs(r: dict) -> list[dict]:
+    """The metrics rows of a run that carry adversarial terms (the discriminator was on)."""
+    return [x for x in read_metrics_log(Path(r["run_dir"])) if "d_loss" in x] if not r.get("kept_from") else []
+
+
+def figure_adversarial(args, rows: list[dict], out: Path) -> str | None:
+    """Adversarial runs: the discriminator's mean logits on real and generated images, its loss, the generator's
+    adversarial and feature-matching terms, and the discriminator's gradient norm, against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(r, _adv_logs(r)) for r in rows]
+    runs = [(r, logs) for r, logs in runs if logs]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    for j, (r, logs) in enumerate(runs):
+        c, step = f"C{j}", [x["step"] for x in logs]
+        stages = sorted({k.rsplit("_", 1)[1] for x in logs for k in x if k.startswith("d_real_")})
+        for st in stages:
+            get = lambda k: [x.get(f"{k}_{st}", float("nan")) for x in logs]  # noqa: E731
+            axes[0].plot(step, get("d_real"), c, lw=1, label=f"{r['row']} D(real), stage {st}")
+            axes[0].plot(step, get("d_fake"), c, ls="--", lw=1, label=f"{r['row']} D(generated), stage {st}")
+            axes[2].plot(step, get("g_adv"), c, lw=1, label=f"{r['row']} g_adv_{st}")
+            axes[2].plot(step, get("fm"), c, ls=":", lw=1, label=f"{r['row']} fm_{st}")
+        axes[1].plot(step, [x["d_loss"] for x in logs], c, lw=1, label=r["row"])
+        axes[3].plot(step, [x.get("d_grad_norm", float("nan")) for x in logs], c, lw=1, label=r["row"])
+    axes[0].axhline(0, color="grey", lw=0.5)
+    for ax, t in zip(axes, ["discriminator: mean patch logit", "discriminator loss (hinge: 2 = chance)",
+                            "generator: adversarial and feature-matching terms (weighted)",
+                            "discriminator gradient norm"]):
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out.name
+
+
 def _preset_text(grid: str, model: str) -> str:
     overrides = overrides_of(grid, model)
     return f"`{GRIDS[grid]['models'][model]}`" + (f" with `{' '.join(overrides)}` ({model})" if overrides else "")
 
 
+def kept_rows(args, seeds: list[int], previous: dict | None, collected: list[dict]) -> list[dict]:
+    """Rows of the previous `<results>/<grid>.json` whose run directory is not on this machine.
+
+    Their numbers come from that JSON, unchanged (a report made elsewhere, or before the runs were deleted);
+    `kept_from` says so. A row that has a run directory here is always collected afresh instead."""
+    g = GRIDS[args.grid]
+    have = {r["row"] for r in collected}
+    n_asked = QUICK_N_EVAL if args.quick else args.n_eval
+    out = []
+    for r in (previous or {}).get("rows", []):
+        if r.get("row") in have or r.get("model") not in g["models"] or r.get("seed") not in seeds:
+            continue
+        if (Path(args.work) / args.grid / r["row"]).is_dir() or (r.get("run_dir") and Path(r["run_dir"]).is_dir()):
+            continue  # a directory that is here is the truth (collected when its seed is asked for)
+        r = dict(r)
+        r.setdefault("kept_from", f"{args.grid}.json")
+        ev = r.get("eval")
+        if ev is not None and ev.get("n_real") != n_asked:  # as collect_row: never average evaluations of other sizes
+            r["eval"], r["eval_n_other"] = None, ev.get("n_real")
+        elif ev is None and r.get("eval_n_other") == n_asked:
+            r["eval_n_other"] = None  # (cannot happen with an honest JSON; kept for symmetry)
+        out.append(r)
+    return out
+
+
+def _figure(kind: str, args, rows: list[dict], res: Path, previous: dict | None) -> list[tuple[str, str, list[str]]]:
+    """The figure(s) of one kind: [(title, file name, rows shown)].
+
+    When every model's pictures (or metrics log) are here, one figure of every model, as always. When some are
+    only in the previous report (their run directories are not on this machine), that report's figure is kept
+    unchanged (it shows those models as rendered then) and the models whose pictures are here get a figure of
+    their own, `<grid>_<kind>_<models>.png`; the markdown says which figure shows which rows."""
+    def source(r):
+        rd = Path(r["run_dir"])
+        return rd / "metrics.jsonl" if kind == "loss" else rd / f"{kind}.png"
+
+    title = {"samples": "samples", "recon": "reconstructions", "loss": "loss curves"}[kind]
+    finished_models = list(dict.fromkeys(r["model"] for r in rows if r["status"] == "finished"))
+    here = [r for r in rows if not r.get("kept_from") and source(r).is_file()]
+    here_models = list(dict.fromkeys(r["model"] for r in here))
+    draw = figure_losses if kind == "loss" else (lambda a, rs, out: figure_samples(a, rs, kind, out))
+    full = res / f"{args.grid}_{kind}.png"
+    if all(m in here_models for m in finished_models):
+        name = draw(args, here, full)
+        return [(f"{args.grid} {title}", name, _shown(kind, here))] if name else []
+    figs = []
+    prev = ((previous or {}).get("meta", {}).get("figures") or {}).get(full.name)
+    if full.is_file():
+        if prev is None:  # a report from before figures were recorded: it drew every row it had
+            prev = {"title": f"{args.grid} {title}", "rows": _shown(kind, [r for r in rows if r.get("kept_from")])}
+        figs.append((prev["title"] + " (kept from an earlier report)", full.name, prev["rows"]))
+    if here:
+        out = res / f"{args.grid}_{kind}_{'_'.join(here_models)}.png"
+        name = draw(args, here, out)
+        if name:
+            figs.append((f"{args.grid} {title}: {', '.join(here_models)}", name, _shown(kind, here)))
+    return figs
+
+
+def _shown(kind: str, rows: list[dict]) -> list[str]:
+    """The rows a figure of `kind` draws from `rows`: every row for loss curves, the first row per model else."""
+    if kind == "loss":
+        return [r["row"] for r in rows]
+    return list({r["model"]: r["row"] for r in reversed(rows)}.values())[::-1]
+
+
 def report(args, seeds: list[int], data_info: dict) -> dict:
     g = GRIDS[args.grid]
+    res = Path(args.results)
+    previous = read_json(res / f"{args.grid}.json")
     rows = [collect_row(args, m, s) for m in g["models"] for s in seeds
             if (Path(args.work) / args.grid / f"{m}-s{s}").is_dir()]
+    rows += kept_rows(args, seeds, previous, rows)
+    order = list(g["models"])
+    rows.sort(key=lambda r: (order.index(r["model"]), r["seed"]))
     summary = summarise(rows)
-    res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
-    figures = {
-        f"{args.grid} samples": figure_samples(args, rows, "samples", res / f"{args.grid}_samples.png"),
-        f"{args.grid} reconstructions": figure_samples(args, rows, "recon", res / f"{args.grid}_recon.png"),
-        f"{args.grid} loss curves": figure_losses(args, rows, res / f"{args.grid}_loss.png"),
-    }
+    figs = [f for kind in ("samples", "recon", "loss") for f in _figure(kind, args, rows, res, previous)]
+    adv = figure_adversarial(args, rows, res / f"{args.grid}_adv.png")
+    if adv:
+        figs.append((f"{args.grid} adversarial terms", adv, [r["row"] for r in rows if _adv_logs(r)]))
     steps = "the preset's" if not args.steps else str(args.steps)
     meta = {"grid": args.grid, "seeds": seeds, "steps": QUICK_STEPS if args.quick else (args.steps or "preset"),
             "n_eval": QUICK_N_EVAL if args.quick else args.n_eval, "quick": args.quick, "shards": args.shards,
-            "data": data_info, "threads": args.threads,
+            "data": data_info or (previous or {}).get("meta", {}).get("data", {}), "threads": args.threads,
             "setting": f"presets {', '.join(_preset_text(args.grid, m) for m in g['models'])}, {steps} steps, seeds "
                        f"{seeds}, evaluation on {QUICK_N_EVAL if args.quick else args.n_eval} held-out images "
                        f"(`{args.shards}`, split test), OMP_NUM_THREADS={args.threads}"
-                       + (" (--quick)" if args.quick else "")}
+                       + (" (--quick)" if args.quick else ""),
+            "figures": {name: {"title": t.removesuffix(" (kept from an earlier report)"), "rows": shown}
+                        for t, name, shown in figs}}
     out = {"meta": meta, "rows": rows, "summary": summary}
     write_json(res / f"{args.grid}.json", out)
-    (res / f"{args.grid}.md").write_text(render_markdown(args.grid, meta, rows, summary, figures))
+    (res / f"{args.grid}.md").write_text(render_markdown(args.grid, meta, rows, summary, figs))
     log(f"wrote {res / (args.grid + '.json')}, {res / (args.grid + '.md')} and figures")
     return out
 

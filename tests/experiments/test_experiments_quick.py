@@ -20,8 +20,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 # One- and three-stage models cover every path of the grid (resvae and msvae differ from them only in
-# their preset); the full four-model grid is the same code with the default --models.
-STAGES = {"vae": 1, "msvae3": 3}
+# their preset); msvae_adv adds the adversarial refiner (a discriminator on stage 2, on from the second
+# update); the full grid is the same code with the default --models.
+STAGES = {"vae": 1, "msvae3": 3, "msvae_adv": 2}
 
 
 def _photos(folder: Path, n: int = 10) -> Path:
@@ -70,9 +71,16 @@ def test_quick_grid_writes_every_number_table_and_figure(quick_grid):
         assert "accelerate launch" in r["commands"]["train"] and "trainer.evaluate" in r["commands"]["evaluate"]
     for model, n in STAGES.items():
         assert set(res["summary"][model]["stages"]) == {str(i + 1) for i in range(n)}
+    # the adversarial row really trained its discriminator, and its terms are logged and drawn
+    adv = [json.loads(line) for line in
+           (tmp / "work" / "photos" / "msvae_adv-s0" / "metrics.jsonl").read_text().splitlines()]
+    on = [x for x in adv if "d_loss" in x]
+    assert on and all(math.isfinite(x[k]) for x in on for k in ("d_loss", "d_real_2", "d_fake_2", "g_adv_2", "fm_2"))
+    assert "adv.width=4" in res["rows"][[r["row"] for r in res["rows"]].index("msvae_adv-s0")]["commands"]["train"]
     md = (tmp / "results" / "photos.md").read_text()
     assert "| msvae3 | 3 |" in md and "python experiments/grid.py photos --row msvae3-s0" in md
-    for fig in ("photos_samples.png", "photos_recon.png", "photos_loss.png"):
+    assert "| msvae_adv | 2 |" in md and "kept from the previous report" not in md
+    for fig in ("photos_samples.png", "photos_recon.png", "photos_loss.png", "photos_adv.png"):
         with Image.open(tmp / "results" / fig) as im:
             assert im.size[0] > 100 and im.size[1] > 100
         assert f"]({fig})" in md
@@ -151,3 +159,48 @@ def test_report_never_averages_an_evaluation_of_another_size(tmp_path):
     row = grid.collect_row(argparse.Namespace(**{**vars(args), "n_eval": 100}), "vae", 0)
     assert row["eval"]["n_real"] == 100
     assert grid.summarise([row])["vae"]["stages"]["1"]["recon.psnr"]["mean"] == 15.0
+
+
+def test_report_keeps_rows_whose_run_directory_is_elsewhere(tmp_path):
+    """A report made where only some run directories exist keeps the previous report's other rows with
+    their numbers unchanged, keeps the previous figures that show them, and draws the new rows apart."""
+    import argparse
+
+    grid = _grid_module()
+    res, work = tmp_path / "results", tmp_path / "work"
+    args = argparse.Namespace(grid="mnist", work=str(work), results=str(res), n_eval=1000, quick=False, steps=0,
+                              shards="data/mnist28", threads=1)
+    stage = {"stage": 1, "recon": {"psnr": 15.0, "kid": 0.1}, "samples": {"kid": 0.2}}
+    for name, psnr in (("vae-s0", 15.0), ("msvae-s0", 17.0)):  # the earlier machine: both rows there
+        run = work / "mnist" / name
+        run.mkdir(parents=True)
+        (run / "status.json").write_text(json.dumps({"state": "finished", "step": 1000}))
+        (run / "eval.json").write_text(json.dumps({"n_real": 1000, "stages": [{**stage, "recon": {"psnr": psnr}}]}))
+        Image.new("L", (240, 64), 128).save(run / "samples.png")
+    first = grid.report(args, [0], {})
+    assert [r["row"] for r in first["rows"]] == ["vae-s0", "msvae-s0"]
+    assert (res / "mnist_samples.png").is_file() and "mnist_samples.png" in first["meta"]["figures"]
+    old_png = (res / "mnist_samples.png").read_bytes()
+
+    import shutil  # this machine: vae-s0's run directory is gone, a new msvae_adv row is here
+    shutil.rmtree(work / "mnist" / "vae-s0")
+    adv = work / "mnist" / "msvae_adv-s0"
+    shutil.copytree(work / "mnist" / "msvae-s0", adv)
+    (adv / "metrics.jsonl").write_text(json.dumps({"step": 260, "loss": 1.0, "images_per_s": 5.0, "d_loss": 1.9,
+                                                   "d_real_2": 0.1, "d_fake_2": -0.1, "g_adv_2": 0.01,
+                                                   "fm_2": 0.05, "d_grad_norm": 1.0}) + "\n")
+    for _ in range(2):  # a second report over the first keeps everything too
+        out = grid.report(args, [0], {})
+        rows = {r["row"]: r for r in out["rows"]}
+        assert list(rows) == ["vae-s0", "msvae-s0", "msvae_adv-s0"]
+        assert rows["vae-s0"]["kept_from"] == "mnist.json" and "kept_from" not in rows["msvae-s0"]
+        assert rows["vae-s0"]["eval"] == first["rows"][0]["eval"]
+        assert json.dumps(out["summary"]["vae"]) == json.dumps(first["summary"]["vae"])  # (NaN != NaN)
+        assert (res / "mnist_samples.png").read_bytes() == old_png  # vae's pictures are not here: kept
+        figs = out["meta"]["figures"]
+        assert figs["mnist_samples.png"]["rows"] == ["vae-s0", "msvae-s0"]
+        assert figs["mnist_samples_msvae_msvae_adv.png"]["rows"] == ["msvae-s0", "msvae_adv-s0"]
+        assert figs["mnist_adv.png"]["rows"] == ["msvae_adv-s0"]
+        md = (res / "mnist.md").read_text()
+        assert "vae-s0 | finished (kept from the previous report)" in md
+        assert "](mnist_samples.png)" in md and "](mnist_samples_msvae_msvae_adv.png)" in md
