@@ -21,8 +21,9 @@ allocator, cuDNN autotuning, compilation; it is dropped):
 Every loop uses the trainer's optimizer settings: Adam with its lr, betas and weight decay, fused on CUDA
 (torch's default foreach on CPU); on CUDA all run with cudnn.benchmark on, as the trainer sets it.
   ours + adversarial  with `--adv`: ours on the adversarial preset (`--adv-config`, default the config's
-                `*_msvae_adv` sibling) with `adv.start=0`, so the discriminator trains from the first step; printed as
-                `adv_cost_<mode>=<its time per step / ours'>`. Its MFU counts the VAE's FLOPs only (n/a).
+                `*_msvae_adv` sibling) with `adv.start=0`, so the discriminator trains from the first
+                step; printed as `adv_cost_<mode>=<its time per step / ours'>`. Its MFU is n/a (the
+                counted FLOPs are the VAE's).
 Modes (`--modes`): eager, and compile (plain compiled as the trainer compiles: `torch.compile` of the model
 and of the loss; `train.compile=true` for ours; both in `--compile-mode`); default both on CUDA, eager on
 CPU. The loops alternate `--repeats` times; each row is the median of its per-interval images/s.
@@ -335,11 +336,9 @@ def main() -> int:
     p.add_argument("--adv-config", default="", help="that preset (default: the config's *_msvae_adv)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for trainer/run.py")
     a = p.parse_args()
-    if a.adv and not a.adv_config:
-        if a.config not in ADV_PRESETS:
-            p.error(f"--adv: no adversarial sibling known for --config {a.config}; name one with --adv-config")
-        a.adv_config = ADV_PRESETS[a.config]
-    a.adv = a.adv_config if (a.adv or a.adv_config) else ""
+    if a.adv and not a.adv_config and a.config not in ADV_PRESETS:
+        p.error(f"--adv: no adversarial sibling known for --config {a.config}; name one with --adv-config")
+    adv_preset = a.adv_config or (ADV_PRESETS[a.config] if a.adv else "")
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no GPU")
@@ -388,16 +387,16 @@ def main() -> int:
         skipped["handwritten"] = reason
     for name, why in skipped.items():
         print(f"skipping the {LABEL[name]} loop: {why}")
-    plan = [(loop, mode) for mode in modes for loop in LOOPS
-            if loop in loops and loop not in skipped and (mode == "eager" or loop != "handwritten")]
-    if a.adv:
-        adv_cfg = load_config(a.adv, overrides)
+    if adv_preset:
+        adv_cfg = load_config(adv_preset, overrides)
         if not adv_cfg.adv.stages:
-            p.error(f"--adv {a.adv}: that preset has no adv.stages")
-        print(f"adversarial: {a.adv}, stages {adv_cfg.adv.stages}, discriminator parameters "
+            p.error(f"--adv-config {adv_preset}: that preset has no adv.stages")
+        print(f"adversarial: {adv_preset}, stages {adv_cfg.adv.stages}, discriminator parameters "
               f"{sum(q.numel() for q in adv_disc_params(adv_cfg))}", flush=True)
-        plan = [(loop, mode) for mode in modes for loop in (*LOOPS, "ours_adv")
-                if (loop, mode) in plan or (loop == "ours_adv" and "ours" in loops)]
+        if "ours" in loops:
+            loops.append("ours_adv")  # right after ours in each mode
+    plan = [(loop, mode) for mode in modes for loop in (*LOOPS, "ours_adv")
+            if loop in loops and loop not in skipped and (mode == "eager" or loop != "handwritten")]
 
     def ours_overrides(mode: str) -> list[str]:
         compiled = mode == "compile"
@@ -412,7 +411,7 @@ def main() -> int:
             how = {"mode": a.compile_mode} if mode == "compile" else None
             return lambda: plain_loop(cfg, a.steps, a.interval, a.device, dtype, how)
         if loop == "ours_adv":
-            ours_cfg = load_config(a.adv, [*ours_overrides(mode), "adv.start=0"])
+            ours_cfg = load_config(adv_preset, [*ours_overrides(mode), "adv.start=0"])
         else:
             ours_cfg = load_config(a.config, ours_overrides(mode))
         return lambda: our_loop(ours_cfg, a.steps, a.interval)
@@ -445,7 +444,7 @@ def main() -> int:
                "compile_mode": a.compile_mode, "steps": a.steps, "interval": a.interval, "repeats": a.repeats,
                "torch": torch.__version__, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
                "paper_images": PAPER_IMAGES, "rows": rows, "ratio": ratio, "skipped": skipped, "sweep": None,
-               "adv": a.adv or None, "adv_cost": adv_cost}
+               "adv": adv_preset or None, "adv_cost": adv_cost}
     write_json(a.json, results)  # now, so that a sweep that fails keeps these
     if a.sweep and "ours" not in loops:
         print("skipping the sweep: it runs ours, and --loops has no ours")

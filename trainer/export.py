@@ -118,17 +118,6 @@ def discriminators_file(ckpt: str, cfg) -> str:
     return f
 
 
-def export_discriminators(ckpt: str, cfg, out: str) -> str:
-    """Write an adversarial checkpoint's discriminators (accelerate's `model_1.safetensors`) into out."""
-    from safetensors.torch import load_file
-
-    from models.discriminator import save_discriminators
-
-    f = discriminators_file(ckpt, cfg)
-    return save_discriminators(clean_state(load_file(f)), cfg.disc_config(), cfg.adv_sizes(), out,
-                               extra={"adv": _yaml_to_dict(os.path.join(ckpt, "config.yaml")).get("adv", {})})
-
-
 def export_checkpoint(path: str, out: str | None = None, weights: str = "ema", dtype: str = "fp32",
                       discriminator: bool = False) -> str:
     from safetensors.torch import load_file
@@ -137,8 +126,8 @@ def export_checkpoint(path: str, out: str | None = None, weights: str = "ema", d
 
     ckpt = resolve_checkpoint(path)
     cfg = from_yaml_file(os.path.join(ckpt, "config.yaml"))
-    if discriminator:
-        discriminators_file(ckpt, cfg)  # refuse before writing anything (out may be the run's own export)
+    # Refused before anything is written (out may be the run's own export).
+    disc_file = discriminators_file(ckpt, cfg) if discriminator else None
     state_info = read_json(os.path.join(ckpt, "trainer_state.json"))
     if weights == "ema":
         f = os.path.join(ckpt, "ema.safetensors")
@@ -151,12 +140,14 @@ def export_checkpoint(path: str, out: str | None = None, weights: str = "ema", d
         raise ValueError(f"--weights must be ema or raw, got {weights!r}")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
     out = out or os.path.join(run_dir, "export")
+    run_config = _yaml_to_dict(os.path.join(ckpt, "config.yaml"))
     provenance = {"step": state_info["step"], "weights": weights, "checkpoint": os.path.abspath(ckpt),
-                  "run_config": _yaml_to_dict(os.path.join(ckpt, "config.yaml")),
-                  "dataset_manifest_sha256": state_info.get("manifest_sha256")}
+                  "run_config": run_config, "dataset_manifest_sha256": state_info.get("manifest_sha256")}
     write_export(state, cfg.model.architecture(), out, dtype=dtype, provenance=provenance)
-    if discriminator:
-        export_discriminators(ckpt, cfg, out)
+    if disc_file is not None:  # the discriminators' weights (accelerate's model_1.safetensors) beside the VAE
+        from models.discriminator import save_discriminators
+        save_discriminators(clean_state(load_file(disc_file)), cfg.disc_config(), cfg.adv_sizes(), out,
+                            extra={"adv": run_config.get("adv", {})})
     return out
 
 

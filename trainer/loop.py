@@ -17,7 +17,7 @@ forward; its losses, the generator terms judged by the discriminators with their
 (`requires_grad` off, called outside DDP); the discriminators' forward on real images and the VAE's images
 detached; one backward of both losses; the finite check over both; the discriminators' step, then the
 VAE's (disjoint parameters, both from this iteration's gradients: a simultaneous update). A skip skips
-both. DeepSpeed is refused at start-up (see `build_discriminators`).
+both. DeepSpeed is refused at start-up (ADV_DEEPSPEED_ERROR says why).
 
 Mixed precision. bf16 needs nothing special. fp16 uses a GradScaler (accelerate's on GPUs; on CPU, where
 accelerate has none, torch's): an overflow makes the scaler skip the update and lower its scale. That is
@@ -121,28 +121,21 @@ def global_eps(cfg: Config, step: int, micro: int, rank: int, world: int, batch:
 
 
 def grad_norms(s: "Setup", adv: bool) -> torch.Tensor:
-    """[VAE grad norm] or, with the discriminators on, [VAE's, discriminators'], each clipped to its own
-    max (train.clip_grad, adv.clip_grad). Under fp16 the gradients of both are unscaled once, first."""
-    if s.disc is None:
-        return grad_norm_and_clip(s.accelerator, s.model, s.cfg.train.clip_grad).reshape(1)
-    s.accelerator.unscale_gradients()  # every prepared optimizer: a second call would raise
-    norms = []
-    for module, clip in ((s.model, s.cfg.train.clip_grad), (s.disc, s.cfg.adv.clip_grad)):
-        params = [p for p in module.parameters() if p.grad is not None]
-        if clip > 0:
-            norms.append(torch.nn.utils.clip_grad_norm_(params, clip))
-        else:
-            norms.append(torch.nn.utils.get_total_norm([p.grad for p in params]))
-    return torch.stack(norms if adv else norms[:1]).float()
+    """[the VAE's grad norm] or, with the discriminators on, [the VAE's, the discriminators'], each clipped
+    to its own max (train.clip_grad, adv.clip_grad). Under fp16 every prepared optimizer's gradients are
+    unscaled first, once (a second unscale_gradients() would raise)."""
+    s.accelerator.unscale_gradients()
+    groups = [(s.model, s.cfg.train.clip_grad)] + ([(s.disc, s.cfg.adv.clip_grad)] if adv else [])
+    return torch.stack([_norm_and_clip(m, max_norm) for m, max_norm in groups]).float()
 
 
-def grad_norm_and_clip(accelerator, model, max_norm: float) -> torch.Tensor:
-    """The global gradient norm (of the unscaled gradients under fp16), clipped to max_norm when > 0.
-    Without clipping only the norm is computed (no multiply of every gradient by 1.0)."""
+def _norm_and_clip(module: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm of module's parameters, clipped to max_norm when > 0. Without clipping only
+    the norm is computed (no multiply of every gradient by 1.0)."""
+    params = [p for p in module.parameters() if p.grad is not None]
     if max_norm > 0 or not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6 has no get_total_norm
-        return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf")))
-    accelerator.unscale_gradients()
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 def forward_loss(model, x: torch.Tensor, eps: torch.Tensor, arch: ModelConfig, accelerator, loss_fn=nstage_loss):
@@ -159,8 +152,8 @@ def adversarial_losses(s: "Setup", x: torch.Tensor, images: list[torch.Tensor], 
 
     Returns (generator loss, discriminator loss, named terms: g_adv_<i>, fm_<i>, d_real_<i>, d_fake_<i>)."""
     a, acc = s.cfg.adv, s.accelerator
-    reals = {i: resize_to(x, images[i - 1].shape[-1]) for i in s.disc_sizes}
-    fakes = {i: images[i - 1] for i in s.disc_sizes}
+    reals = {i: resize_to(x, images[i - 1].shape[-1]) for i in s.disc_module.sizes}
+    fakes = {i: images[i - 1] for i in s.disc_module.sizes}
     fm = a.feature_matching > 0
     terms: dict[str, torch.Tensor] = {}
     g_loss = torch.zeros((), device=x.device)
@@ -196,9 +189,10 @@ def adversarial_losses(s: "Setup", x: torch.Tensor, images: list[torch.Tensor], 
 
 
 class BufferBackup:
-    """Batch norm (and spectral norm's power iteration, in the discriminators) updates its running statistics during the forward pass, before the finite check can
-    run: a skipped step puts them back (one NaN batch would otherwise poison them, and through them the
-    EMA and every later evaluation, for good). One foreach copy per dtype on the device each step.
+    """Batch norm updates its running statistics (and spectral norm, in the discriminators, its power
+    iteration's vectors) during the forward pass, before the finite check can run: a skipped step puts
+    them back (one NaN batch would otherwise poison them, and through them the EMA and every later
+    evaluation, for good). One foreach copy per dtype on the device each step.
 
     (Re-pointing the buffers into one flat tensor would make it a single copy, but checkpoints refuse
     tensors that share storage: safetensors will not load them.)"""
@@ -253,9 +247,8 @@ class Setup:
     t_start: float = field(default_factory=time.time)
     # Adversarial stages (adv.stages); None without them.
     disc: torch.nn.Module | None = None  # as prepared (DDP around StageDiscriminators)
-    disc_module: torch.nn.Module | None = None  # the same module unwrapped: the generator's frozen view
+    disc_module: StageDiscriminators | None = None  # the same module unwrapped: the generator's frozen view
     d_optimizer: object = None
-    disc_sizes: dict[int, int] = field(default_factory=dict)  # {stage: resolution}
 
     def adv_active(self) -> bool:
         """The generator term and the discriminators' training are on from update adv.start."""
@@ -352,20 +345,18 @@ def build_model(cfg: Config, arch: ModelConfig, device, fresh: bool) -> NStageVA
     return model
 
 
-def make_optimizer(cfg: Config, model: torch.nn.Module, device, is_ds: bool) -> torch.optim.Optimizer:
+def make_adam(params, device, is_ds: bool, lr: float, betas, weight_decay: float = 0.0) -> torch.optim.Adam:
     # fused Adam on GPUs (one kernel for all parameters; GradScaler supports it). DeepSpeed wraps the
     # optimizer in its own, and CPU runs keep torch's default so their numbers stay comparable.
     fused = {"fused": True} if device.type == "cuda" and not is_ds else {}
-    return torch.optim.Adam(model.parameters(), lr=lr_at(0, cfg), betas=tuple(cfg.train.betas),
-                            weight_decay=cfg.train.weight_decay, **fused)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
 
 
-def build_discriminators(cfg: Config, device, is_ds: bool, fresh: bool):
-    """The adversarial stages' discriminators and their Adam (constant adv.lr), or (None, None)."""
+def build_discriminators(cfg: Config, device, fresh: bool):
+    """The adversarial stages' discriminators and their Adam (constant adv.lr), or (None, None). Never under
+    DeepSpeed: setup() refuses that first (ADV_DEEPSPEED_ERROR)."""
     if not cfg.adv.stages:
         return None, None
-    if is_ds:
-        raise ValueError(ADV_DEEPSPEED_ERROR)
     torch.manual_seed(cfg.train.seed + 1)  # after the VAE: its initial weights are the plain run's
     disc = StageDiscriminators(cfg.disc_config(), cfg.adv_sizes())
     src = cfg.train.init_from
@@ -377,9 +368,7 @@ def build_discriminators(cfg: Config, device, is_ds: bool, fresh: bool):
         disc.load_state_dict(loaded.state_dict())
     if cfg.train.channels_last:
         disc = disc.to(memory_format=torch.channels_last)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.adv.lr, betas=tuple(cfg.adv.betas), **fused)
-    return disc, d_opt
+    return disc, make_adam(disc.parameters(), device, False, cfg.adv.lr, cfg.adv.betas)
 
 
 def patch_deepspeed_config(cfg: Config, accelerator) -> None:
@@ -407,8 +396,9 @@ def setup(cfg: Config) -> Setup:
         cfg.train.channels_last = False
     arch = cfg.model.architecture()
     model = build_model(cfg, arch, accelerator.device, fresh=resume_state is None)
-    optimizer = make_optimizer(cfg, model, accelerator.device, is_ds)
-    disc, d_optimizer = build_discriminators(cfg, accelerator.device, is_ds, fresh=resume_state is None)
+    optimizer = make_adam(model.parameters(), accelerator.device, is_ds, lr_at(0, cfg), cfg.train.betas,
+                          cfg.train.weight_decay)
+    disc, d_optimizer = build_discriminators(cfg, accelerator.device, fresh=resume_state is None)
     loss_fn = nstage_loss
     if cfg.train.compile:
         model = torch.compile(model, mode=cfg.train.compile_mode)
@@ -439,7 +429,7 @@ def setup(cfg: Config) -> Setup:
         global_batch=cfg.train.batch_size * cfg.train.grad_accum * world,
         buffers=BufferBackup(*(accelerator.unwrap_model(m) for m in (model, disc) if m is not None)),
         disc=disc, disc_module=accelerator.unwrap_model(disc) if disc is not None else None,
-        d_optimizer=d_optimizer, disc_sizes=cfg.adv_sizes() if disc is not None else {})
+        d_optimizer=d_optimizer)
     if resume_state is not None:
         resume(s, resume_path, resume_state)
     s.batches = Prefetcher(s.train_stream, accelerator.device, s.compute_dtype, cfg.train.channels_last)
@@ -581,18 +571,16 @@ def train_step(s: Setup) -> StepOut:
     # so every rank decides alike.
     overflow = not bad and s.scaler is not None and not all(math.isfinite(v) for v in got[k:])
     c.step += 1
-    if bad or overflow:
+    if bad or overflow:  # neither model steps; neither the LR nor the EMA advances
         s.optimizer.zero_grad(set_to_none=True)
         if adv:
             s.d_optimizer.zero_grad(set_to_none=True)
         s.buffers.restore()
         if s.scaler is not None:
             s.scaler.update()  # clears this step's unscale record and backs the scale off
-    if bad:
-        c.bad_streak += 1
-    elif overflow:  # neither the LR nor the EMA advances; not a bad step
-        out.overflow, c.bad_streak = True, 0
-        c.overflow_streak += 1
+        out.overflow = overflow  # an overflow is not a bad step
+        c.bad_streak = c.bad_streak + 1 if bad else 0
+        c.overflow_streak += overflow
     else:
         c.bad_streak = 0
         if adv:  # the discriminators first: accelerate's VAE step updates the shared GradScaler after it

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from run_helpers import read_metrics
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -63,16 +65,7 @@ def submit(run_dir: Path, nodes: int, procs: int) -> str:
 
 
 def rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written right now
-    return out
+    return read_metrics(run_dir, tolerant=True)  # tolerant: a line may be being written right now
 
 
 def train_rows(run_dir: Path) -> list[dict]:
