@@ -3,7 +3,7 @@
 The same layers, parameters and FLOPs as `NStageVAE(MODEL_PRESETS["celeba128_msvae"]())`
 (tests/bench checks both), written out as they would be by hand, with the official code's loss
 `kl + mse(stage 1) + l1(stage 2)` (KL summed, then divided by batch x latent). The step is the bare
-minimum: forward under autocast, loss, backward, Adam step (fused on CUDA); no EMA, no logging, no host
+minimum: forward under autocast, loss, backward, Adam step (fused); no EMA, no logging, no host
 sync. bench/train.py runs it channels_last with cudnn.benchmark on, on batches already on the device.
 """
 from __future__ import annotations
@@ -62,8 +62,8 @@ def official_loss(x: torch.Tensor, mu, logvar, coarse, fine) -> torch.Tensor:
 
 
 def make_optimizer(model: nn.Module, device: str, lr: float, betas, weight_decay: float) -> torch.optim.Adam:
-    fused = {"fused": True} if device == "cuda" else {}  # as the trainer: fused on GPUs, torch's default on CPU
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
+    # As the trainer (outside DeepSpeed): fused, on GPUs and on CPU. `device` only documents where it runs.
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, dtype: torch.dtype | None) -> None:

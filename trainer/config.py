@@ -79,6 +79,10 @@ class TrainConfig:
     # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_mode: str = "default"
     channels_last: bool = True
+    # The host reads each step's numbers one step late (skips are decided on the device either way), so it
+    # never waits for the GPU between steps; logs and stop requests then take effect a step later. Not
+    # under DeepSpeed. See trainer/loop.py advance().
+    sync_free: bool = False
     init_from: str = ""  # an export directory to start from (fine-tuning); ignored when resuming
     max_bad_steps: int = 5  # abort after this many consecutive non-finite steps
     export_weights: str = "ema"  # ema | raw: what the end-of-run export holds

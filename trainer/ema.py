@@ -47,12 +47,18 @@ class EMA:
         return [state[k] for k in self._float_keys], [state[k] for k in self._int_keys]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, updates: int) -> None:
-        """Blend in the model's current weights; `updates` is the optimizer-update count after this one."""
+    def update(self, model: torch.nn.Module, updates: int, replace: dict[str, torch.Tensor] | None = None) -> None:
+        """Blend in the model's current weights; `updates` is the optimizer-update count after this one.
+
+        `replace`: {name: tensor} read instead of the model's floating-point entry of that name. The trainer
+        passes the buffers as they were before the forward pass it has just queued (when it updates the EMA
+        one step late, train.sync_free): the parameters are still the step's, the batch-norm statistics not."""
         sources = self._sources if self._sources is not None else self._read_sources(model)
         if self.stable:
             self._sources = sources
         floats, ints = sources
+        if replace:
+            floats = [replace.get(k, v) for k, v in zip(self._float_keys, floats)]
         ema = [self.shadow[k] for k in self._float_keys]
         cur = [v if v.dtype == torch.float32 else v.float() for v in floats]
         torch._foreach_lerp_(ema, cur, 1 - ema_decay_at(self.decay, updates))

@@ -2,15 +2,22 @@
 
     s = setup(cfg)                  # accelerator, model, optimizer, EMA, streams, counters, resume
     while s.counters.step < max_steps:
-        out = train_step(s)         # micro-batches, finite check, clip, step or skip, EMA
-        check_bad_streak(s, out)    # abort after too many non-finite steps
-        periodic(out, progress)     # log, eval, samples, checkpoint
+        for out in advance(s):      # micro-batches, finite check, clip, step or skip, EMA
+            check_bad_streak(s, out)    # abort after too many non-finite steps
+            periodic(out, progress)     # log, eval, samples, checkpoint
     finish(s, stopped_by)           # checkpoint, then export (or stop for a requeue)
 
 Order inside one optimizer step (nanoGPT/DiT/EDM style): forward, loss, backward (per micro-batch),
-finite check (reduced over ranks, together with the stop request: one all-reduce and one host sync per
-step), clip, step or skip, EMA. A skipped step changes no weight, no optimizer state and no EMA, and does
-not advance the learning rate.
+finite check (reduced over ranks, together with the stop request: one all-reduce), clip, step or skip,
+EMA. A skipped step changes no weight, no optimizer state and no EMA, and does not advance the learning
+rate.
+
+The skip is decided on the device: fused Adam takes it as `found_inf` (as GradScaler hands it over), the
+batch-norm buffers are put back with a `where`. The host then reads the step's numbers (flags, loss
+terms, grad norms) once: at once by default, or, with `train.sync_free`, one step late, while the next
+step's forward and backward are queued, so that it never waits for the GPU between steps. Both modes run
+the same operations in the same order (see advance()). DeepSpeed steps inside backward and decides on the
+host (_deepspeed_step).
 
 Adversarial stages (`adv.stages`, from update `adv.start` on). Each iteration, in this order: the VAE's
 forward; its losses, the generator terms judged by the discriminators with their weights frozen
@@ -102,12 +109,13 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    """The mean of each value over the ranks (a collective). One process: the values, with no device trip."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(sorted(values.items()))
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
 
 
 def global_eps(cfg: Config, step: int, micro: int, rank: int, world: int, batch: int, device) -> torch.Tensor:
@@ -192,24 +200,56 @@ class BufferBackup:
     """Batch norm updates its running statistics (and spectral norm, in the discriminators, its power
     iteration's vectors) during the forward pass, before the finite check can run: a skipped step puts
     them back (one NaN batch would otherwise poison them, and through them the EMA and every later
-    evaluation, for good). One foreach copy per dtype on the device each step.
+    evaluation, for good).
 
-    (Re-pointing the buffers into one flat tensor would make it a single copy, but checkpoints refuse
-    tensors that share storage: safetensors will not load them.)"""
+    The copies live in one flat tensor per (device, dtype): `save()` is one foreach copy each, and
+    `restore_where(skip)` decides on the device (a concatenation, one `where`, one foreach copy), so a
+    skip needs no host read. It relies on the buffers being updated in place (as batch norm, spectral
+    norm and load_state_dict do), not replaced. (The model's own buffers stay separate tensors: checkpoints refuse tensors
+    that share storage, and safetensors would not load them.)"""
 
     def __init__(self, *modules: torch.nn.Module):
         groups: dict[tuple, list[torch.Tensor]] = {}
         for b in (b for m in modules for b in m.buffers()):
             groups.setdefault((b.device, b.dtype), []).append(b)
-        self.groups = [(bufs, [b.detach().clone() for b in bufs]) for bufs in groups.values()]
+        self.groups = []  # (buffers, their flat views, saved: flat and per buffer, scratch: flat and per buffer)
+        for bufs in groups.values():
+            sizes = [b.numel() for b in bufs]
+            saved = torch.cat([b.detach().reshape(-1) for b in bufs])
+            scratch = torch.empty_like(saved)
+            self.groups.append((bufs, [b.view(-1) for b in bufs], saved, self._views(saved, bufs, sizes), scratch,
+                                self._views(scratch, bufs, sizes)))
+        self._saved_of = {id(b): v for bufs, _, _, saved, _, _ in self.groups for b, v in zip(bufs, saved)}
+        self._by_name: dict[int, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def _views(flat: torch.Tensor, bufs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+        return [v.view(b.shape) for v, b in zip(flat.split(sizes), bufs)]
 
     def save(self) -> None:
-        for bufs, saved in self.groups:
+        for bufs, _, _, saved, _, _ in self.groups:
             torch._foreach_copy_(saved, bufs)
 
     def restore(self) -> None:
-        for bufs, saved in self.groups:
+        for bufs, _, _, saved, _, _ in self.groups:
             torch._foreach_copy_(bufs, saved)
+
+    def restore_where(self, skip: torch.Tensor) -> None:
+        """restore() where the 0-d bool tensor `skip` is true; nothing changes where it is false. Three ops
+        per group, all into tensors made once (the buffers' views stay valid: they are updated in place)."""
+        for bufs, flat_views, saved, _, scratch, scratch_views in self.groups:
+            torch.cat(flat_views, out=scratch)
+            torch.where(skip, saved, scratch, out=scratch)
+            torch._foreach_copy_(bufs, scratch_views)
+
+    def saved_by_name(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """{state-dict name: the saved copy} of module's floating-point buffers (the EMA reads these when it
+        runs after the next forward pass has moved the live ones). Built once per module."""
+        if id(module) not in self._by_name:
+            self._by_name[id(module)] = {k.removeprefix("_orig_mod."): self._saved_of[id(b)]
+                                         for k, b in module.named_buffers()
+                                         if b.is_floating_point() and id(b) in self._saved_of}
+        return self._by_name[id(module)]
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -228,6 +268,7 @@ class Setup:
     accelerator: object
     arch: ModelConfig
     model: torch.nn.Module  # as prepared: DDP / DeepSpeed engine around (compiled) NStageVAE
+    module: torch.nn.Module  # the same unwrapped, once (accelerate's unwrap_model costs ~2 ms a call)
     loss_fn: object  # models.nstage_loss, compiled with the model
     optimizer: object
     ema: EMA | None
@@ -249,6 +290,7 @@ class Setup:
     disc: torch.nn.Module | None = None  # as prepared (DDP around StageDiscriminators)
     disc_module: StageDiscriminators | None = None  # the same module unwrapped: the generator's frozen view
     d_optimizer: object = None
+    pending: Pending | None = None  # train.sync_free: the step queued and not yet read (see advance())
 
     def adv_active(self) -> bool:
         """The generator term and the discriminators' training are on from update adv.start."""
@@ -346,9 +388,9 @@ def build_model(cfg: Config, arch: ModelConfig, device, fresh: bool) -> NStageVA
 
 
 def make_adam(params, device, is_ds: bool, lr: float, betas, weight_decay: float = 0.0) -> torch.optim.Adam:
-    # fused Adam on GPUs (one kernel for all parameters; GradScaler supports it). DeepSpeed wraps the
-    # optimizer in its own, and CPU runs keep torch's default so their numbers stay comparable.
-    fused = {"fused": True} if device.type == "cuda" and not is_ds else {}
+    # Fused Adam (one kernel for all parameters, on GPUs and on CPU) everywhere but DeepSpeed, which wraps
+    # the optimizer in its own: the trainer's step masks it with `found_inf` to skip on the device.
+    fused = {} if is_ds else {"fused": True}
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
 
 
@@ -394,6 +436,9 @@ def setup(cfg: Config) -> Setup:
         # DeepSpeed flattens parameters into one buffer and cannot view channels_last weights.
         accelerator.print("[nstage-vae] train.channels_last is ignored under DeepSpeed")
         cfg.train.channels_last = False
+    if cfg.train.sync_free and is_ds:  # the engine steps inside backward: each step is read at once
+        accelerator.print("[nstage-vae] train.sync_free is ignored under DeepSpeed")
+        cfg.train.sync_free = False
     arch = cfg.model.architecture()
     model = build_model(cfg, arch, accelerator.device, fresh=resume_state is None)
     optimizer = make_adam(model.parameters(), accelerator.device, is_ds, lr_at(0, cfg), cfg.train.betas,
@@ -409,15 +454,16 @@ def setup(cfg: Config) -> Setup:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:  # one call, this order: checkpoints hold the VAE as model.safetensors, the discriminators as model_1
         model, optimizer, disc, d_optimizer = accelerator.prepare(model, optimizer, disc, d_optimizer)
+    module = accelerator.unwrap_model(model)
     ema = None
     if cfg.train.ema_decay > 0:  # after prepare: on the device, from the weights as placed
         with full_params(model, is_ds):
-            ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay, stable_tensors=not is_ds)
+            ema = EMA(module, cfg.train.ema_decay, stable_tensors=not is_ds)
     # The LR is a pure function of the optimizer-update count, set each step: no scheduler state, and
     # no accelerate scheduler wrapper (which steps num_processes times per call).
     rank, world = accelerator.process_index, accelerator.num_processes
     s = Setup(
-        cfg=cfg, accelerator=accelerator, arch=arch, model=model, loss_fn=loss_fn, optimizer=optimizer, ema=ema,
+        cfg=cfg, accelerator=accelerator, arch=arch, model=model, module=module, loss_fn=loss_fn, optimizer=optimizer, ema=ema,
         train_stream=build_stream(cfg, cfg.data.train_split, rank, world, train=True),
         val_stream=build_stream(cfg, cfg.data.val_split, rank, world, train=False), batches=None,
         log=None, stop=stop, run_dir=cfg.run.dir, config_yaml=config_yaml,
@@ -427,7 +473,7 @@ def setup(cfg: Config) -> Setup:
         # Every rank's stream yields exactly batch_size rows (asserted per micro-batch), so one optimizer
         # step sees this many images: the invariant the LR and the logs rely on.
         global_batch=cfg.train.batch_size * cfg.train.grad_accum * world,
-        buffers=BufferBackup(*(accelerator.unwrap_model(m) for m in (model, disc) if m is not None)),
+        buffers=BufferBackup(module, *([accelerator.unwrap_model(disc)] if disc is not None else [])),
         disc=disc, disc_module=accelerator.unwrap_model(disc) if disc is not None else None,
         d_optimizer=d_optimizer)
     if resume_state is not None:
@@ -476,6 +522,7 @@ def resume(s: Setup, path: str, state: dict) -> None:
 # ----------------------------------------------------------------------------- one optimizer step
 @dataclass
 class StepOut:
+    step: int  # this step's number (1-based)
     terms: dict[str, float]  # this rank's loss terms, mean over the micro-batches
     grad_norm: float
     d_grad_norm: float | None  # the discriminators' (adversarial runs, once on), else None
@@ -483,6 +530,21 @@ class StepOut:
     overflow: bool  # fp16: the GradScaler skipped the update and lowered its scale
     stop: bool  # a stop request (signal or STOP file) on some rank
     timed_out: bool  # train.max_time reached on some rank
+    loss_scale: float | None = None  # fp16: the GradScaler's scale after this step
+    # The counters after this step (the trainer may already have queued the next one).
+    updates: int = 0
+    bad_streak: int = 0
+    overflow_streak: int = 0
+
+
+@dataclass
+class Pending:
+    """A queued step whose numbers are on their way to the host."""
+    step: int
+    names: list[str]  # the loss terms' names
+    adv: bool  # the discriminators trained in this step
+    values: torch.Tensor  # [bad, stop, timed out, *terms, *grad norms, (loss scale)]; read once `ready`
+    ready: object  # a CUDA event recorded after the copy to the host; None where it is there already
 
 
 def _nan_injected(cfg: Config, step: int, rank: int, target: str = "input") -> bool:
@@ -494,25 +556,25 @@ def _nan_injected(cfg: Config, step: int, rank: int, target: str = "input") -> b
     return step + 1 >= int(nan_step) and rank == int(nan_rank) and (rest[0] if rest else "input") == target
 
 
-def _micro_batches(s: Setup, adv: bool) -> tuple[list[str], torch.Tensor]:
-    """Forward, loss and backward of each micro-batch (with the discriminators' when `adv`); returns the
-    term names and their mean on the device."""
-    cfg, acc, c = s.cfg, s.accelerator, s.counters
+def _micro_batches(s: Setup, adv: bool, done: int) -> tuple[list[str], torch.Tensor]:
+    """Forward, loss and backward of each micro-batch of the step after `done` steps (with the
+    discriminators' when `adv`); returns the term names and their mean on the device."""
+    cfg, acc = s.cfg, s.accelerator
     total, names = None, None
     models = (s.model, s.disc) if s.disc is not None else (s.model,)
     for micro in range(cfg.train.grad_accum):
         with acc.accumulate(*models):
             x = s.batches.take()
             assert x.shape[0] == cfg.train.batch_size, f"rank {s.rank} got a batch of {x.shape[0]}"
-            if _nan_injected(cfg, c.step, s.rank):
+            if _nan_injected(cfg, done, s.rank):
                 x = x.clone()
                 x[0, 0, 0, 0] = float("nan")
-            eps = global_eps(cfg, c.step, micro, s.rank, s.world, x.shape[0], s.device)
+            eps = global_eps(cfg, done, micro, s.rank, s.world, x.shape[0], s.device)
             loss, terms, out = forward_loss(s.model, x, eps, s.arch, acc, s.loss_fn)
             d_loss = None
             if adv:
                 g_loss, d_loss, adv_terms = adversarial_losses(s, x, out["images"],
-                                                               _nan_injected(cfg, c.step, s.rank, "d_loss"))
+                                                               _nan_injected(cfg, done, s.rank, "d_loss"))
                 loss = loss + g_loss
                 terms = {**terms, **adv_terms}
             # DeepSpeed steps inside backward, so there a non-finite loss on any rank skips the
@@ -528,105 +590,220 @@ def _micro_batches(s: Setup, adv: bool) -> tuple[list[str], torch.Tensor]:
     return names, total / cfg.train.grad_accum
 
 
-def _inject_overflow(s: Setup) -> float | None:
+def _inject_overflow(s: Setup, done: int) -> float | None:
     """Test hook `train.inject_overflow=STEP`: multiply the fp16 loss scale by 2**100 for that step, so that
     its backward overflows for real. Returns the scale to restore (as a natural overflow would leave it)."""
-    if s.cfg.train.inject_overflow != s.counters.step + 1:
+    if s.cfg.train.inject_overflow != done + 1:
         return None
     scale = s.scaler.get_scale()
     s.scaler.update(new_scale=scale * 2.0**100)
     return scale * s.scaler.get_backoff_factor()
 
 
-def train_step(s: Setup) -> StepOut:
-    """One optimizer step: micro-batches, finite check and stop flags (one all-reduce), clip, step or
-    skip, EMA. Reads the device once (the reduced flags, the terms and the grad norm together)."""
+def _reduced_flags(s: Setup, bad_local: torch.Tensor) -> torch.Tensor:
+    """[non-finite, stop requested, timed out], each the max over ranks: one all-reduce. The host's two flags
+    reach the device from pinned memory without waiting for it."""
+    timed_out = s.cfg.train.max_time > 0 and time.time() - s.t_start >= s.cfg.train.max_time
+    host = torch.tensor([float(s.stop.requested()), float(timed_out)])
+    if s.device.type == "cuda":
+        host = host.pin_memory()
+    return all_reduce_max(torch.cat([bad_local.float().reshape(1), host.to(s.device, non_blocking=True)]))
+
+
+def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Start the copy of `values` to (pinned) host memory; returns it and the event that says it is there."""
+    if values.device.type != "cuda":
+        return values, None
+    host = values.to("cpu", non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _masked_step(optimizer, skip: torch.Tensor) -> None:
+    """The optimizer's step with `skip` (0-d float) as fused Adam's `found_inf`: where it is 1 the
+    kernel changes no weight and no moment, and the step count is put back. Gradients already unscaled
+    (fp16), so no grad_scale. Then zero_grad. This is GradScaler.step's own route for fused optimizers,
+    with the skip decided by the trainer instead of the scaler alone."""
+    inner = optimizer.optimizer  # accelerate's wrapper would call GradScaler.step and update()
+    inner.grad_scale, inner.found_inf = None, skip
+    inner.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _queue_step(s: Setup, prev: Pending | None) -> tuple[StepOut | None, Pending]:
+    """Queue one optimizer step (DDP or one process) with every decision on the device; the host reads
+    nothing from it. `prev`, the step queued before and not yet read, is read once this step's forward
+    and backward are queued (the device has finished it by then) and returned, its counters applied.
+
+    Order: buffers saved; micro-batches (forward, loss, backward); the finite check and the stop flags
+    (one all-reduce) and the grad norms (clipped, unscaled under fp16); the previous step read, which
+    sets the LR; both models' fused Adam masked by `skip` (a non-finite loss on any rank, or an fp16
+    overflow: the norms are of the reduced gradients, so every rank decides alike); buffers put back
+    where skipped; the GradScaler's update (it backs off after an overflow); this step's numbers sent
+    to the host."""
+    cfg, c = s.cfg, s.counters
+    done = c.step + (prev is not None)
+    restore_scale = _inject_overflow(s, done)
+    adv = s.adv_active()  # exact: advance() reads a pending step first while the discriminators are off
+    s.buffers.save()
+    names, terms = _micro_batches(s, adv, done)
+    bad_local = ~torch.isfinite(terms[0])  # the loss; with the discriminators on, theirs too
+    if adv:
+        bad_local = bad_local | ~torch.isfinite(terms[names.index("d_loss")])
+    norms = grad_norms(s, adv)  # under fp16 of the unscaled gradients: an overflow shows as a non-finite norm
+    if s.scaler is None:
+        bad_local = bad_local | ~torch.isfinite(norms).all()
+    flags = _reduced_flags(s, bad_local)
+    skip = (flags[0] > 0) | ~torch.isfinite(norms).all()  # 0-d, as GradScaler's found_inf
+    prev_out = _resolve(s, prev, ema_from_backup=True) if prev is not None else None
+    lr = lr_at(c.updates, cfg)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    found_inf = skip.float()
+    if adv:
+        _masked_step(s.d_optimizer, found_inf)
+    _masked_step(s.optimizer, found_inf)
+    s.buffers.restore_where(skip)
+    scale = []
+    if s.scaler is not None:
+        s.scaler.update()  # from the found-inf records of the unscale: backs off after an overflow
+        if restore_scale is not None:
+            s.scaler.update(new_scale=restore_scale)
+        scale = [s.scaler._scale.float().reshape(1).to(s.device)]  # read with the rest, not with get_scale()
+    values, ready = _to_host(torch.cat([flags, terms, norms, *scale]))
+    return prev_out, Pending(done + 1, names, adv, values, ready)
+
+
+def _resolve(s: Setup, p: Pending, ema_from_backup: bool) -> StepOut:
+    """Read a queued step's numbers (waiting for that step only), count it, and update the EMA if it was
+    applied. `ema_from_backup`: the next step's forward has run since, so the EMA reads the batch-norm
+    statistics from the backup that step saved, which are this step's."""
+    if p.ready is not None:
+        p.ready.synchronize()
+    got = p.values.tolist()
+    k, n = 3 + len(p.names), 2 if p.adv else 1
+    norms = got[k:k + n]
+    bad = bool(got[0])
+    out = StepOut(step=p.step, terms=dict(zip(p.names, got[3:k])), grad_norm=norms[0],
+                  d_grad_norm=norms[1] if p.adv else None, skipped=bad,
+                  # Under a GradScaler a non-finite norm with a finite loss is an overflow, not a bad step.
+                  overflow=not bad and s.scaler is not None and not all(math.isfinite(v) for v in norms),
+                  stop=bool(got[1]), timed_out=bool(got[2]),
+                  loss_scale=got[k + n] if s.scaler is not None else None)
+    s.counters.step = p.step
+    if _count(s, out) and s.ema is not None:
+        s.ema.update(s.module, s.counters.updates, s.buffers.saved_by_name(s.module) if ema_from_backup else None)
+    return out
+
+
+def _count(s: Setup, out: StepOut) -> bool:
+    """Apply a step's outcome to the counters and copy them into `out`; True when the step was applied."""
+    c = s.counters
+    applied = not (out.skipped or out.overflow)
+    if applied:  # the LR schedule and the EMA warm-up follow this count
+        c.updates += 1
+    c.bad_streak = c.bad_streak + 1 if out.skipped else 0  # an overflow is not a bad step
+    c.overflow_streak = c.overflow_streak + 1 if out.overflow else 0
+    out.updates, out.bad_streak, out.overflow_streak = c.updates, c.bad_streak, c.overflow_streak
+    return applied
+
+
+def _deepspeed_step(s: Setup) -> StepOut:
+    """One optimizer step under DeepSpeed, decided on the host: the engine steps inside backward, so a
+    non-finite loss on any rank has already skipped the backward on every rank (see _micro_batches), and
+    the engine's own loss scaler reports an fp16 overflow only after its step."""
     cfg, acc, c = s.cfg, s.accelerator, s.counters
     lr = lr_at(c.updates, cfg)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
-    restore_scale = _inject_overflow(s)
-    adv = s.adv_active()
     s.buffers.save()
-    names, terms = _micro_batches(s, adv)
-    checked = [0, names.index("d_loss")] if adv else [0]  # the VAE's loss and the discriminators'
-    bad_local = ~torch.isfinite(terms[checked]).all()
-    if s.is_ds:
-        norms = torch.full((1,), float("nan"), device=s.device)
-    else:
-        # Unscaled first under fp16; an overflow shows as a non-finite norm with a finite loss.
-        norms = grad_norms(s, adv)
-        if s.scaler is None:
-            bad_local = bad_local | ~torch.isfinite(norms).all()
-    timed_out = cfg.train.max_time > 0 and time.time() - s.t_start >= cfg.train.max_time
-    host = torch.tensor([float(s.stop.requested()), float(timed_out)])
-    flags = all_reduce_max(torch.cat([bad_local.float().reshape(1), host.to(s.device, non_blocking=True)]))
-    got = torch.cat([flags, terms, norms.float().to(s.device)]).tolist()  # the one host sync
-    bad, stop_now, time_now = (bool(v) for v in got[:3])
-    k = 3 + len(names)
-    out = StepOut(terms=dict(zip(names, got[3:k])), grad_norm=got[k], d_grad_norm=got[k + 1] if adv else None,
-                  skipped=bad, overflow=False, stop=stop_now, timed_out=time_now)
-    # Under a GradScaler the norms are of the unscaled gradients: non-finite exactly when the scaler found
-    # an overflow (in either model), and then neither model steps. The norms are of the reduced gradients,
-    # so every rank decides alike.
-    overflow = not bad and s.scaler is not None and not all(math.isfinite(v) for v in got[k:])
-    c.step += 1
-    if bad or overflow:  # neither model steps; neither the LR nor the EMA advances
-        s.optimizer.zero_grad(set_to_none=True)
-        if adv:
-            s.d_optimizer.zero_grad(set_to_none=True)
-        s.buffers.restore()
-        if s.scaler is not None:
-            s.scaler.update()  # clears this step's unscale record and backs the scale off
-        out.overflow = overflow  # an overflow is not a bad step
-        c.bad_streak = c.bad_streak + 1 if bad else 0
-        c.overflow_streak += overflow
-    else:
-        c.bad_streak = 0
-        if adv:  # the discriminators first: accelerate's VAE step updates the shared GradScaler after it
-            if s.scaler is not None:
-                s.scaler.step(s.d_optimizer.optimizer)
-            else:
-                s.d_optimizer.step()
-            s.d_optimizer.zero_grad(set_to_none=True)
+    names, terms = _micro_batches(s, False, c.step)
+    flags = _reduced_flags(s, ~torch.isfinite(terms[0]))
+    got = torch.cat([flags, terms]).tolist()  # the one host sync
+    bad = bool(got[0])
+    if not bad:
         s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
-        out.overflow = s.is_ds and bool(acc.optimizer_step_was_skipped)  # DeepSpeed's own loss scaler
-        c.overflow_streak = c.overflow_streak + 1 if out.overflow else 0
-        if out.overflow:
-            s.buffers.restore()
-        else:
-            c.updates += 1
-            if s.ema is not None:
-                with full_params(s.model, s.is_ds):
-                    s.ema.update(acc.unwrap_model(s.model), c.updates)
-    if restore_scale is not None:
-        s.scaler.update(new_scale=restore_scale)
-    if s.is_ds:
-        gn = s.model.get_global_grad_norm() if hasattr(s.model, "get_global_grad_norm") else None
-        out.grad_norm = float(gn) if gn is not None else float("nan")
+    s.optimizer.zero_grad(set_to_none=True)
+    overflow = not bad and bool(acc.optimizer_step_was_skipped)
+    if bad or overflow:
+        s.buffers.restore()
+    gn = s.model.get_global_grad_norm() if hasattr(s.model, "get_global_grad_norm") else None
+    out = StepOut(step=c.step + 1, terms=dict(zip(names, got[3:])), grad_norm=float(gn) if gn is not None else math.nan,
+                  d_grad_norm=None, skipped=bad, overflow=overflow, stop=bool(got[1]), timed_out=bool(got[2]))
+    c.step += 1
+    if _count(s, out) and s.ema is not None:
+        with full_params(s.model, s.is_ds):
+            s.ema.update(s.module, c.updates)
     return out
+
+
+def train_step(s: Setup) -> StepOut:
+    """One optimizer step, queued and read: micro-batches, finite check and stop flags (one all-reduce),
+    clip, step or skip, EMA. A skipped step changes no weight, no optimizer state and no EMA, and does not
+    advance the learning rate. One host read per step."""
+    if s.is_ds:
+        return _deepspeed_step(s)
+    _, p = _queue_step(s, None)
+    return _resolve(s, p, ema_from_backup=False)
+
+
+def _due(s: Setup, step: int) -> bool:
+    """Whether `step` ends with work that needs its weights (evaluation, samples, checkpoint, the end)."""
+    t = s.cfg.train
+    return step >= t.max_steps or any(step % every == 0 for every in (t.eval_every, t.sample_every, t.ckpt_every))
+
+
+def advance(s: Setup) -> list[StepOut]:
+    """The next optimizer step; returns the steps read during the call, in order.
+
+    By default that is the step itself (train_step). With train.sync_free the host reads each step's
+    numbers one step late: step k is left queued, and is read while step k+1's forward and backward are
+    queued, so the host never waits for the device between steps (k's numbers are there by then). The
+    weights, the optimizer, the buffers and the EMA go through the same operations either way (the
+    tests hold the two modes bitwise equal). Read at once: a step due for evaluation, samples or a
+    checkpoint; the steps before adv.start (whether the discriminators train depends on the last count).
+    Under DeepSpeed every step is read at once."""
+    if s.is_ds or not s.cfg.train.sync_free:
+        return [train_step(s)]
+    outs = []
+    if s.pending is not None and s.disc is not None and not s.adv_active():
+        outs += flush(s)
+    prev_out, p = _queue_step(s, s.pending)
+    s.pending = None
+    outs += [prev_out] if prev_out is not None else []
+    if _due(s, p.step):
+        outs.append(_resolve(s, p, ema_from_backup=False))
+    else:
+        s.pending = p
+    return outs
+
+
+def flush(s: Setup) -> list[StepOut]:
+    """Read the step left queued by advance(), if any."""
+    p, s.pending = s.pending, None
+    return [_resolve(s, p, ema_from_backup=False)] if p is not None else []
 
 
 # ----------------------------------------------------------------------------- the periodic work
 def check_bad_streak(s: Setup, out: StepOut) -> None:
     """Abort after train.max_bad_steps non-finite steps in a row (or an endless fp16 overflow)."""
-    c, cfg = s.counters, s.cfg
-    if c.bad_streak < cfg.train.max_bad_steps and c.overflow_streak < MAX_OVERFLOW_STREAK:
+    cfg = s.cfg
+    if out.bad_streak < cfg.train.max_bad_steps and out.overflow_streak < MAX_OVERFLOW_STREAK:
         return
     # Reduced (NaN on any rank stays NaN), so every rank names the term that broke, not the NaN
     # gradient that the all-reduce brought to the healthy ranks.
     terms_all = mean_over_ranks(out.terms, s.device)
     which = [k for k, v in terms_all.items() if not math.isfinite(v)] or ["grad_norm"]
-    s.log.write({"step": c.step, "skipped": True, **terms_all})
-    if c.overflow_streak >= MAX_OVERFLOW_STREAK:
-        msg = (f"aborting at step {c.step}: {c.overflow_streak} fp16 overflows in a row; the gradients are "
+    s.log.write({"step": out.step, "skipped": True, **terms_all})
+    if out.overflow_streak >= MAX_OVERFLOW_STREAK:
+        msg = (f"aborting at step {out.step}: {out.overflow_streak} fp16 overflows in a row; the gradients are "
                f"non-finite at any loss scale (try bf16, a lower train.lr or train.clip_grad)")
     else:
-        msg = (f"aborting at step {c.step}: {c.bad_streak} non-finite steps in a row "
+        msg = (f"aborting at step {out.step}: {out.bad_streak} non-finite steps in a row "
                f"(train.max_bad_steps={cfg.train.max_bad_steps}); non-finite on some rank: {', '.join(which)}")
     if s.accelerator.is_main_process:
-        write_status(s.run_dir, "failed", c.step, reason=msg)
+        write_status(s.run_dir, "failed", out.step, reason=msg)
     raise FloatingPointError(msg)
 
 
@@ -637,15 +814,15 @@ class Periodic:
         self.s, self.t_log, self.images = s, time.time(), 0
 
     def log(self, out: StepOut) -> dict:
-        s, step = self.s, self.s.counters.step
+        s, step = self.s, out.step
         now = time.time()
-        lr = lr_at(max(s.counters.updates - 1, 0), s.cfg)  # of the last applied update: skips do not advance it
+        lr = lr_at(max(out.updates - 1, 0), s.cfg)  # of the last applied update: skips do not advance it
         row = {"step": step, **mean_over_ranks(out.terms, s.device), "lr": lr, "grad_norm": out.grad_norm,
                "images_per_s": self.images / max(now - self.t_log, 1e-9)}
         if out.d_grad_norm is not None:
             row["d_grad_norm"] = out.d_grad_norm
-        if s.scaler is not None:
-            row["loss_scale"] = s.scaler.get_scale()
+        if out.loss_scale is not None:
+            row["loss_scale"] = out.loss_scale
         if out.skipped:
             row["skipped"] = True
         if out.overflow:
@@ -655,8 +832,10 @@ class Periodic:
         return row
 
     def __call__(self, out: StepOut, progress) -> None:
+        """Evaluation, samples and checkpoints come only on steps that advance() read at once (so the
+        weights are this step's); logging may come a step late."""
         s, t = self.s, self.s.cfg.train
-        step, last = s.counters.step, s.counters.step == t.max_steps
+        step, last = out.step, out.step == t.max_steps
         self.images += s.global_batch
         progress.update(1)
         if step % t.log_every == 0 or out.skipped or out.overflow or last:
@@ -668,7 +847,7 @@ class Periodic:
             s.log.write({"step": step, **evaluate(s.model, s.val_stream, s.cfg, s.accelerator, s.compute_dtype)})
             s.model.train()
         if (step % t.sample_every == 0 or last) and s.accelerator.is_main_process:
-            save_samples(s.ema, s.accelerator.unwrap_model(s.model), s.arch, s.cfg, s.run_dir, step)
+            save_samples(s.ema, s.module, s.arch, s.cfg, s.run_dir, step)
         if step % t.ckpt_every == 0 and not last and not (out.stop or out.timed_out):
             save(s)
 
@@ -692,13 +871,15 @@ def train(cfg: Config) -> int:
     s.model.train()
     s.t_start = time.time()  # train.max_time counts from here
     try:
-        while c.step < t.max_steps:
-            out = train_step(s)
-            check_bad_streak(s, out)
-            periodic(out, progress)
-            if out.stop or out.timed_out:
-                stopped_by = s.stop.signal or ("STOP file" if out.stop else "train.max_time")
-                break
+        while c.step < t.max_steps and stopped_by is None:
+            outs = advance(s)
+            if any(o.stop or o.timed_out for o in outs):
+                outs += flush(s)  # the step queued after the request: the checkpoint comes after it
+            for out in outs:
+                check_bad_streak(s, out)
+                periodic(out, progress)
+                if (out.stop or out.timed_out) and stopped_by is None:
+                    stopped_by = s.stop.signal or ("STOP file" if out.stop else "train.max_time")
         progress.close()
         finish(s, stopped_by)
     finally:

@@ -12,7 +12,8 @@ the margin, the discriminator's loss does not change when every logit moves by t
 gradient of its last conv's bias is zero up to rounding, and Adam turns that rounding into steps of up to
 adv.lr. That bias then drifts differently under 1 and 2 processes (measured: 1.2e-4 after 15 updates),
 and with it d_real_<i>, d_fake_<i> and g_adv_<i> (hence loss) by the same shift; nothing else depends on
-it. The parity checks compare everything else to 1e-5 (`hinge_invariant`) and those terms loosely.
+it. The parity checks compare everything else to 1e-5 (`hinge_invariant`; grad norms to 1e-4, for the hinge's
+kinks: see the first test) and those terms loosely.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ OPTIMIZERS = ("optimizer.bin", "optimizer_1.bin")
 HEAD_BIAS = "nets.stage_2.head.bias"  # the hinge loss's free direction (see the top of this file)
 # Compared to 1e-5 across world sizes: everything but what the head's bias shifts, d_real_2 - d_fake_2 instead.
 INVARIANT_KEYS = ("fm_2", "d_loss", "d_gap_2", "d_grad_norm")
+# Across world sizes grad norms to KINK_GRAD_RTOL and the discriminators' weights to KINK_ATOL: the hinge's
+# kinks make single steps jump (measured in test_2proc_ddp_two_model_step_matches_1proc).
+KINK_GRAD_RTOL, KINK_ATOL = 1e-4, 5e-5
 
 
 def adv_1proc(tmp_path_factory):
@@ -115,12 +119,16 @@ def test_2proc_ddp_two_model_step_matches_1proc(tmp_path_factory):
     # The first adversarial step: the same weights (up to summation order) judged on the same 16 images.
     for key in ("d_loss", "d_real_2", "d_fake_2", "g_adv_2", "fm_2", "loss", "d_grad_norm"):
         assert r2[ADV_START][key] == pytest.approx(r1[ADV_START][key], rel=1e-5, abs=1e-7), key
-    # Measured: within 5e-7 (d_grad_norm), 3e-7 (d_loss), 2e-7 (grad_norm, loss less g_adv_2).
-    assert_curves_close(hinge_invariant(two.rows), hinge_invariant(one.rows), rtol=1e-5, grad_rtol=1e-5,
+    # Measured: most steps within 1e-6. The hinge's kinks make single steps jump: a logit within rounding
+    # of the margin turns a relu on in one run and off in the other, for that step only (the next steps
+    # are back near 1e-7). Measured jumps: d_gap_2 3e-5 at step 10 (foreach Adam); grad_norm 4e-5 at
+    # step 19, d_grad_norm 1.4e-5 at step 18, the discriminators' weights 1.1e-5 at step 20 (fused Adam).
+    # A parity bug (gradients not averaged, a model not synced) is 1e-3 and more.
+    assert_curves_close(hinge_invariant(two.rows), hinge_invariant(one.rows), rtol=1e-5, grad_rtol=KINK_GRAD_RTOL,
                         extra=INVARIANT_KEYS)
-    assert_curves_close(two.rows, one.rows, rtol=1e-3, grad_rtol=1e-5, extra=ADV_KEYS)  # the head's drift
+    assert_curves_close(two.rows, one.rows, rtol=1e-3, grad_rtol=KINK_GRAD_RTOL, extra=ADV_KEYS)  # the head's drift
     assert_weights_close(tensors(_ck(two.dir, 20) / "model_1.safetensors"),
-                         tensors(_ck(one.dir, 20) / "model_1.safetensors"), atol=1e-5, head_bias_atol=1e-3)
+                         tensors(_ck(one.dir, 20) / "model_1.safetensors"), atol=KINK_ATOL, head_bias_atol=1e-3)
     for f in (_ck(two.dir, 20) / "model.safetensors", two.dir / "export" / "model.safetensors"):
         assert max_abs_diff(tensors(f), tensors(one.dir / f.relative_to(two.dir))) < 1e-5, f
     # ... and both models trained: their weights moved by far more than that.
@@ -201,11 +209,16 @@ def test_changed_world_size_restores_both_models(tmp_path, tmp_path_factory):
     assert first["step"] == theirs["step"] == 11
     for key in ("d_loss", "d_real_2", "d_fake_2", "g_adv_2", "fm_2", "d_grad_norm", "loss", "grad_norm"):
         assert first[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+    # Then the run goes on in 1-process arithmetic from the 2-process state. The loss terms stay within 1e-5;
+    # the grad norms not always: one l1 or hinge kink flipped by rounding (measured: the VAE's grad norm
+    # 1e-5 off at step 12, loss terms within 1e-7) and Adam carries the difference on, to 2.7e-4 by step
+    # 20. Resuming the same checkpoint with 2 processes is bitwise (checked by hand), and a lost Adam state
+    # puts the grad norms 3e-2 off (tests/gpu/test_gpu_resume.py's calibration), far beyond 1e-3.
     for ref in (two, one):
-        assert_curves_close(hinge_invariant(run.rows), hinge_invariant(ref.rows), rtol=1e-5, grad_rtol=1e-5,
-                            extra=INVARIANT_KEYS)
+        assert_curves_close(hinge_invariant(run.rows), hinge_invariant(ref.rows), rtol=1e-5,
+                            grad_rtol=1e-3, extra=INVARIANT_KEYS)
         for f in ("model.safetensors", "model_1.safetensors"):
-            assert_weights_close(tensors(_ck(run_dir, 20) / f), tensors(_ck(ref.dir, 20) / f), atol=1e-5,
+            assert_weights_close(tensors(_ck(run_dir, 20) / f), tensors(_ck(ref.dir, 20) / f), atol=KINK_ATOL,
                                  head_bias_atol=1e-3)
     d_opt = optimizer_state(_ck(run_dir, 20) / "optimizer_1.bin")
     assert int(d_opt["state"][0]["step"]) == 20 - ADV_START, "the discriminators' Adam restarted"

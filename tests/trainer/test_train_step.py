@@ -181,3 +181,58 @@ def test_an_fp16_overflow_step_changes_nothing_and_lowers_the_scale(tmp_path, fr
     assert s.scaler.get_scale() == scale / 2
     out = train_step(s)
     assert not out.overflow and s.counters.updates == 3 and s.counters.overflow_streak == 0
+
+
+def test_buffer_backup_restore_where_decides_on_the_device():
+    model = _bn_model()
+    backup = BufferBackup(model)
+    backup.save()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    model.train()
+    model(torch.randn(4, 1, 28, 28))
+    moved = {k: v.clone() for k, v in model.named_buffers()}
+    assert any(not torch.equal(moved[k], before[k]) for k in before)
+    backup.restore_where(torch.tensor(False))
+    assert all(torch.equal(v, moved[k]) for k, v in model.named_buffers()), "kept where not skipped"
+    for _, v in model.named_buffers():  # a NaN batch's statistics, and a counter moved on
+        v.fill_(float("nan")) if v.is_floating_point() else v.add_(5)
+    backup.restore_where(torch.tensor(True))
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers()), "put back where skipped"
+    saved = backup.saved_by_name(model)
+    assert set(saved) == {k for k, v in before.items() if v.is_floating_point()}
+    assert all(torch.equal(saved[k], before[k]) for k in saved)
+
+
+def test_ema_update_reads_the_replacements_instead_of_the_models_entries():
+    model = _bn_model()
+    ema, ref = EMA(model, decay=0.9, stable_tensors=True), EMA(model, decay=0.9, stable_tensors=True)
+    replace = {k: v.clone() for k, v in model.named_buffers() if v.is_floating_point()}
+    _perturb(model, 1)
+    ema.update(model, 5, replace)
+    twin = copy.deepcopy(model)
+    twin.load_state_dict({**model.state_dict(), **replace})
+    ref.update(twin, 5)
+    assert all(torch.equal(ema.shadow[k], ref.shadow[k]) for k in ref.shadow)
+
+
+def test_sync_free_reads_each_step_while_the_next_is_queued(tmp_path, fresh_accelerate):
+    """advance() leaves step k queued and returns it from the next call; a step due for a checkpoint is
+    read at once; a non-finite step read late changed nothing, as by default."""
+    from trainer.loop import advance, flush
+    s = _setup(tmp_path, "train.sync_free=true", "train.ckpt_every=4", "train.eval_every=100",
+               "train.sample_every=100", "train.max_steps=100")
+    assert advance(s) == [] and s.pending.step == 1 and s.counters.step == 0
+    outs = advance(s)
+    assert [o.step for o in outs] == [1] and s.pending.step == 2 and (s.counters.step, s.counters.updates) == (1, 1)
+    outs = advance(s)
+    assert [o.step for o in outs] == [2] and s.pending.step == 3
+    outs = advance(s)  # step 4 is due for a checkpoint: read at once, after step 3
+    assert [o.step for o in outs] == [3, 4] and s.pending is None and s.counters.step == 4
+    before = _snapshot(s)
+    s.cfg.train.inject_nan = "5:0"
+    assert advance(s) == [] and s.pending.step == 5
+    s.cfg.train.inject_nan = ""
+    (out,) = flush(s)
+    assert out.step == 5 and out.skipped and out.bad_streak == 1 and s.pending is None
+    _assert_unchanged(before, _snapshot(s))
+    assert flush(s) == []
