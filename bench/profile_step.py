@@ -1,12 +1,14 @@
-"""Where one optimizer step of the trainer spends its time: `train_step` under torch.profiler.
+"""Where one optimizer step of the trainer spends its time: `advance` (one step) under torch.profiler.
 
     python bench/profile_step.py                                           # mnist preset, this machine
     python bench/profile_step.py --config celeba128 --batch 32 --device cuda --mixed-precision bf16
     python bench/profile_step.py --config celeba128 --batch 32 --device cuda --mixed-precision bf16 --compile
     python bench/profile_step.py --config celeba128 --batch 32 --device cuda --trace step.json   # Chrome trace
+    python bench/profile_step.py --config celeba128 --batch 32 --device cuda train.sync_free=true
 
 It builds the trainer exactly as `trainer/run.py` does (`trainer.loop.setup`, synthetic data), runs
-`--warmup` steps, then profiles `--steps` calls of `trainer.loop.train_step` and prints, per step:
+`--warmup` steps, then profiles `--steps` calls of `trainer.loop.advance` (one step each; with
+`train.sync_free=true` each reads the step before it) and prints, per step:
 - wall time, and on a GPU the time its kernels kept the GPU busy (the rest is launch and host overhead);
 - host-device synchronisations (`aten::_local_scalar_dense`: `.item()`/`.tolist()`; `cudaStreamSynchronize`,
   `cudaDeviceSynchronize`; host-to-device copies) and the number of operator calls;
@@ -53,23 +55,24 @@ def summarize(prof, steps: int, wall_s: float, device: torch.device, top: int, t
 
 
 def profile_trainer(cfg, a, device) -> None:
-    from trainer.loop import setup, train_step
+    from trainer.loop import advance, flush, setup
 
     with tempfile.TemporaryDirectory() as d:
         cfg.run.dir, cfg.run.tensorboard = d, False
         s = setup(cfg)
         s.model.train()
         for _ in range(a.warmup):
-            train_step(s)
+            advance(s)
         bench_train.sync(device.type)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             t = time.perf_counter()
             for _ in range(a.steps):
-                train_step(s)
+                advance(s)
             bench_train.sync(device.type)
             wall = time.perf_counter() - t
-        counts = summarize(prof, a.steps, wall, device, a.top, "trainer.loop.train_step")
+        flush(s)
+        counts = summarize(prof, a.steps, wall, device, a.top, "trainer.loop.advance")
         if a.trace:
             prof.export_chrome_trace(a.trace)
             print(f"trace: {a.trace}")

@@ -137,19 +137,24 @@ def test_sweep_stops_at_the_first_batch_that_runs_out_of_memory(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_adv_reports_the_adversarial_cost_beside_ours(tmp_path):
+def test_bench_adv_and_sync_free_report_their_rows_beside_ours(tmp_path):
     out = tmp_path / "bench.json"
     lines = run_bench(tmp_path, "--steps", "4", "--interval", "2", "--repeats", "1", "--batch", "8", "--loops",
-                      "plain,ours", "--adv", "--json", str(out), *TINY)
+                      "plain,ours", "--adv", "--sync-free", "--json", str(out), *TINY)
     d = json.loads(out.read_text())
 
     assert d["adv"] == "mnist_msvae_adv"  # the default config's adversarial sibling
-    assert [(r["loop"], r["mode"]) for r in d["rows"]] == [("plain", "eager"), ("ours", "eager"), ("ours_adv", "eager")]
+    assert [(r["loop"], r["mode"]) for r in d["rows"]] == [("plain", "eager"), ("ours", "eager"),
+                                                           ("ours_sync_free", "eager"), ("ours_adv", "eager")]
     rows = {r["loop"]: r for r in d["rows"]}
     assert rows["ours_adv"]["images_per_s"] > 0 and rows["ours_adv"]["mfu"] is None
+    assert rows["ours_sync_free"]["images_per_s"] > 0
     assert d["adv_cost"]["eager"] == pytest.approx(rows["ours"]["images_per_s"] / rows["ours_adv"]["images_per_s"])
+    gain = d["sync_free_gain"]["eager"]
+    assert gain == pytest.approx(rows["ours_sync_free"]["images_per_s"] / rows["ours"]["images_per_s"])
     text = "\n".join(lines)
     assert "| ours + adversarial | eager |" in text and f"adv_cost_eager={d['adv_cost']['eager']:.3f}" in text
+    assert "| ours sync-free | eager |" in text and f"sync_free_gain_eager={gain:.3f}" in text
     assert lines[-1].startswith("ratio=")  # still the last line scripts read
 
 

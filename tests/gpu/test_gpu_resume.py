@@ -68,15 +68,36 @@ def test_sigterm_then_the_same_command_matches_uninterrupted_runs(pool):
     assert_finished(straight, LONG_STEPS)
     assert_finished(again, LONG_STEPS)
 
+    assert_within_noise(f"resume: SIGTERM sent at step {got.seen}, stopped at step {k}", resumed, straight, again)
+
+
+def assert_within_noise(title: str, run, straight, again) -> None:
+    """`run` is no farther from `straight` than max(NOISE_MULTIPLE x the straight runs' own distance,
+    ABSOLUTE_FLOOR), group by group, and logs the same LRs; prints the numbers."""
     export = "export/model.safetensors"
     floor = _groups(curve_distance(again.rows, straight.rows)[1])
-    dist = _groups(curve_distance(resumed.rows, straight.rows)[1])
+    dist = _groups(curve_distance(run.rows, straight.rows)[1])
     floor["export weights"] = weight_distance(tensors(again.dir / export), tensors(straight.dir / export))
-    dist["export weights"] = weight_distance(tensors(resumed.dir / export), tensors(straight.dir / export))
+    dist["export weights"] = weight_distance(tensors(run.dir / export), tensors(straight.dir / export))
     tol = {g: max(NOISE_MULTIPLE * floor[g], ABSOLUTE_FLOOR[g]) for g in ABSOLUTE_FLOOR}
-    lines = [f"  {g:15s} floor {floor[g]:.2e}  resumed {dist[g]:.2e}  tolerance {tol[g]:.2e}" for g in tol]
-    print(f"\nresume: SIGTERM sent at step {got.seen}, stopped at step {k}; distances to the first straight run\n"
-          + "\n".join(lines) + f"\n  lr              floor {floor['lr']:.1e}  resumed {dist['lr']:.1e} (must be 0)")
-    assert dist["lr"] == 0 and floor["lr"] == 0, "the LR differs: the update count was not restored"
+    lines = [f"  {g:15s} floor {floor[g]:.2e}  this run {dist[g]:.2e}  tolerance {tol[g]:.2e}" for g in tol]
+    print(f"\n{title}; distances to the first straight run\n" + "\n".join(lines)
+          + f"\n  lr              floor {floor['lr']:.1e}  this run {dist['lr']:.1e} (must be 0)")
+    assert dist["lr"] == 0 and floor["lr"] == 0, "the LR differs: the update count differs"
     bad = {g: (dist[g], tol[g]) for g in tol if not dist[g] <= tol[g]}
-    assert not bad, f"the resumed run is farther from the straight run than the noise allows: {bad}"
+    assert not bad, f"the run is farther from the straight run than the noise allows: {bad}"
+
+
+@pytest.mark.gpu_runs("bf16_sync_free", "bf16", "bf16_again")
+def test_sync_free_matches_the_default_within_run_to_run_noise(pool):
+    """train.sync_free reads each step's numbers one step late; the weights, optimizer, buffers and EMA go
+    through the same operations as by default (bitwise equal on the CPU: tests/trainer). On the GPU the
+    runs are one more draw of the run-to-run noise, measured as in the resume test above. The rows, the
+    checkpoints and the export must be the default's in kind: every step logged once, the same LRs."""
+    run, straight, again = pool.result("bf16_sync_free"), pool.result("bf16"), pool.result("bf16_again")
+    assert_finished(run, LONG_STEPS)
+    assert_steps_once(run.rows, LONG_STEPS)
+    assert sorted(p.name for p in (run.dir / "checkpoints").iterdir()) == ["step-0000150", "step-0000200"]
+    assert_finished(straight, LONG_STEPS)
+    assert_finished(again, LONG_STEPS)
+    assert_within_noise("train.sync_free=true", run, straight, again)

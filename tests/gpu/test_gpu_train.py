@@ -30,8 +30,9 @@ def test_bf16_trains_checkpoints_and_exports(pool):
     assert len(images) == 2 and all(bool(x.isfinite().all()) for x in images)
 
 
-@pytest.mark.gpu_runs("fp16_overflow")
-def test_fp16_overflow_is_skipped_without_advancing_lr_or_updates(pool):
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.gpu_runs(n), id=n)
+                                  for n in ("fp16_overflow", "fp16_overflow_sync_free")])
+def test_fp16_overflow_is_skipped_without_advancing_lr_or_updates(pool, name):
     """`train.inject_overflow=12` inflates the loss scale before step 12's backward, so that backward
     overflows for real. The scaler skips the step and backs off; the row says `overflow`; the update
     counter, and with it the LR, does not advance (warm-up over 100 steps, so every update raises the LR);
@@ -39,8 +40,9 @@ def test_fp16_overflow_is_skipped_without_advancing_lr_or_updates(pool):
 
     The scaler's own first back-offs (it starts at 2**16) may overflow a step or two at the start: those
     are counted like the injected one, and printed. Whether a row logs the LR of its own step or of the
-    last applied update, the LR stays flat across exactly one pair of rows per overflow."""
-    run = pool.result("fp16_overflow")
+    last applied update, the LR stays flat across exactly one pair of rows per overflow. The same with
+    train.sync_free=true, where the skip is read a step late."""
+    run = pool.result(name)
     ok(run)
     assert run.status()["state"] == "finished", run.status()
     rows = by_step(run.rows)
