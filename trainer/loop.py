@@ -8,7 +8,7 @@
     finish(s, stopped_by)           # checkpoint, then export (or stop for a requeue)
 
 Order inside one optimizer step (nanoGPT/DiT/EDM style): forward, loss, backward (per micro-batch),
-finite check (reduced over ranks, together with the stop request: one all-reduce), clip, step or skip,
+finite check (reduced over ranks with the stop request and the loss terms: one all-reduce), clip, step or skip,
 EMA. A skipped step changes no weight, no optimizer state and no EMA, and does not advance the learning
 rate.
 
@@ -523,7 +523,7 @@ def resume(s: Setup, path: str, state: dict) -> None:
 @dataclass
 class StepOut:
     step: int  # this step's number (1-based)
-    terms: dict[str, float]  # this rank's loss terms, mean over the micro-batches
+    terms: dict[str, float]  # the loss terms, mean over the micro-batches and the ranks
     grad_norm: float
     d_grad_norm: float | None  # the discriminators' (adversarial runs, once on), else None
     skipped: bool  # non-finite on some rank: nothing was updated
@@ -600,14 +600,20 @@ def _inject_overflow(s: Setup, done: int) -> float | None:
     return scale * s.scaler.get_backoff_factor()
 
 
-def _reduced_flags(s: Setup, bad_local: torch.Tensor) -> torch.Tensor:
-    """[non-finite, stop requested, timed out], each the max over ranks: one all-reduce. The host's two flags
-    reach the device from pinned memory without waiting for it."""
+def _reduced(s: Setup, bad_local: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """[non-finite, stop requested, timed out, *terms] over the ranks in one all-reduce (a sum): each flag is
+    > 0 when it is set on some rank, and the terms become their mean over the ranks (NaN on any rank stays
+    NaN), so logging needs no collective of its own. The host's two flags reach the device from pinned
+    memory without waiting for it."""
     timed_out = s.cfg.train.max_time > 0 and time.time() - s.t_start >= s.cfg.train.max_time
     host = torch.tensor([float(s.stop.requested()), float(timed_out)])
     if s.device.type == "cuda":
         host = host.pin_memory()
-    return all_reduce_max(torch.cat([bad_local.float().reshape(1), host.to(s.device, non_blocking=True)]))
+    t = torch.cat([bad_local.float().reshape(1), host.to(s.device, non_blocking=True), terms])
+    if s.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = torch.cat([t[:3], t[3:] / s.world])
+    return t
 
 
 def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, object]:
@@ -654,8 +660,8 @@ def _queue_step(s: Setup, prev: Pending | None) -> tuple[StepOut | None, Pending
     norms = grad_norms(s, adv)  # under fp16 of the unscaled gradients: an overflow shows as a non-finite norm
     if s.scaler is None:
         bad_local = bad_local | ~torch.isfinite(norms).all()
-    flags = _reduced_flags(s, bad_local)
-    skip = (flags[0] > 0) | ~torch.isfinite(norms).all()  # 0-d, as GradScaler's found_inf
+    reduced = _reduced(s, bad_local, terms)
+    skip = (reduced[0] > 0) | ~torch.isfinite(norms).all()  # 0-d, as GradScaler's found_inf
     prev_out = _resolve(s, prev, ema_from_backup=True) if prev is not None else None
     lr = lr_at(c.updates, cfg)
     for group in s.optimizer.param_groups:
@@ -671,7 +677,7 @@ def _queue_step(s: Setup, prev: Pending | None) -> tuple[StepOut | None, Pending
         if restore_scale is not None:
             s.scaler.update(new_scale=restore_scale)
         scale = [s.scaler._scale.float().reshape(1).to(s.device)]  # read with the rest, not with get_scale()
-    values, ready = _to_host(torch.cat([flags, terms, norms, *scale]))
+    values, ready = _to_host(torch.cat([reduced, norms, *scale]))
     return prev_out, Pending(done + 1, names, adv, values, ready)
 
 
@@ -719,8 +725,7 @@ def _deepspeed_step(s: Setup) -> StepOut:
         group["lr"] = lr
     s.buffers.save()
     names, terms = _micro_batches(s, False, c.step)
-    flags = _reduced_flags(s, ~torch.isfinite(terms[0]))
-    got = torch.cat([flags, terms]).tolist()  # the one host sync
+    got = _reduced(s, ~torch.isfinite(terms[0]), terms).tolist()  # the one host sync
     bad = bool(got[0])
     if not bad:
         s.optimizer.step()
@@ -791,11 +796,10 @@ def check_bad_streak(s: Setup, out: StepOut) -> None:
     cfg = s.cfg
     if out.bad_streak < cfg.train.max_bad_steps and out.overflow_streak < MAX_OVERFLOW_STREAK:
         return
-    # Reduced (NaN on any rank stays NaN), so every rank names the term that broke, not the NaN
-    # gradient that the all-reduce brought to the healthy ranks.
-    terms_all = mean_over_ranks(out.terms, s.device)
-    which = [k for k, v in terms_all.items() if not math.isfinite(v)] or ["grad_norm"]
-    s.log.write({"step": out.step, "skipped": True, **terms_all})
+    # The terms are means over the ranks (NaN on any rank stays NaN), so every rank names the term that
+    # broke, not the NaN gradient that the all-reduce brought to the healthy ranks.
+    which = sorted(k for k, v in out.terms.items() if not math.isfinite(v)) or ["grad_norm"]
+    s.log.write({"step": out.step, "skipped": True, **out.terms})
     if out.overflow_streak >= MAX_OVERFLOW_STREAK:
         msg = (f"aborting at step {out.step}: {out.overflow_streak} fp16 overflows in a row; the gradients are "
                f"non-finite at any loss scale (try bf16, a lower train.lr or train.clip_grad)")
@@ -817,7 +821,7 @@ class Periodic:
         s, step = self.s, out.step
         now = time.time()
         lr = lr_at(max(out.updates - 1, 0), s.cfg)  # of the last applied update: skips do not advance it
-        row = {"step": step, **mean_over_ranks(out.terms, s.device), "lr": lr, "grad_norm": out.grad_norm,
+        row = {"step": step, **dict(sorted(out.terms.items())), "lr": lr, "grad_norm": out.grad_norm,
                "images_per_s": self.images / max(now - self.t_log, 1e-9)}
         if out.d_grad_norm is not None:
             row["d_grad_norm"] = out.d_grad_norm
