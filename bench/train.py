@@ -65,6 +65,7 @@ PAPER_IMAGES = 200_000 * 32  # the paper's CelebA budget: 200k steps at batch 32
 LOOPS = ("handwritten", "plain", "ours")
 LABEL = {"handwritten": "hand-written", "plain": "plain", "ours": "ours", "ours_sync_free": "ours sync-free",
          "ours_adv": "ours + adversarial"}
+SYNC_FREE = "train.sync_free=true"  # the override of the "ours sync-free" loop
 ADV_PRESETS = {"mnist": "mnist_msvae_adv", "celeba128": "celeba128_msvae_adv", "photo128_msvae": "photo128_msvae_adv"}
 GIB = 2**30
 HANDWRITTEN_BATCHES = 4  # distinct batches the hand-written loop keeps on the device and cycles through
@@ -284,7 +285,7 @@ def table(rows: list[dict]) -> str:
 def sweep(a, overrides: list[str], mode: str, flops: float, device: str) -> list[dict]:
     """Ours in `mode` at the batch doubled from a.batch until CUDA runs out of memory or a.sweep_max."""
     points, batch = [], a.batch
-    how = " sync-free" if "train.sync_free=true" in overrides else ""
+    how = " sync-free" if SYNC_FREE in overrides else ""
     print(f"sweep: ours {mode}{how}, batch {batch} doubling up to {a.sweep_max} or out of memory", flush=True)
     while batch <= a.sweep_max:
         cfg = load_config(a.config, [*overrides, f"train.batch_size={batch}"])
@@ -337,7 +338,7 @@ def main() -> int:
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
     p.add_argument("--sweep", action="store_true", help="then ours' images/s per batch, doubling until out of memory")
     p.add_argument("--sweep-max", type=int, default=8192, help="largest batch the sweep tries")
-    p.add_argument("--sync-free", action="store_true", help="also run ours with train.sync_free=true")
+    p.add_argument("--sync-free", action="store_true", help=f"also run ours with {SYNC_FREE}")
     p.add_argument("--adv", action="store_true", help="also run ours on the config's adversarial sibling preset")
     p.add_argument("--adv-config", default="", help="that preset (default: the config's *_msvae_adv)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for trainer/run.py")
@@ -421,7 +422,7 @@ def main() -> int:
         if loop == "ours_adv":
             ours_cfg = load_config(adv_preset, [*ours_overrides(mode), "adv.start=0"])
         elif loop == "ours_sync_free":
-            ours_cfg = load_config(a.config, [*ours_overrides(mode), "train.sync_free=true"])
+            ours_cfg = load_config(a.config, [*ours_overrides(mode), SYNC_FREE])
         else:
             ours_cfg = load_config(a.config, ours_overrides(mode))
         return lambda: our_loop(ours_cfg, a.steps, a.interval)
@@ -461,7 +462,7 @@ def main() -> int:
         print("skipping the sweep: it runs ours, and --loops has no ours")
     elif a.sweep:  # in ours' fastest setting
         loop, best = max(((x, m) for x in ("ours", "ours_sync_free") for m in modes if (x, m) in ips), key=ips.get)
-        how = ["train.sync_free=true"] if loop == "ours_sync_free" else []
+        how = [SYNC_FREE] if loop == "ours_sync_free" else []
         results["sweep"] = sweep(a, [*ours_overrides(best), *how], best, flops, a.device)
         write_json(a.json, results)
     for m, gain in sync_free_gain.items():

@@ -196,6 +196,25 @@ def adversarial_losses(s: "Setup", x: torch.Tensor, images: list[torch.Tensor], 
     return g_loss, d_loss, terms
 
 
+@dataclass
+class _BufferGroup:
+    """The buffers of one (device, dtype), their saved copy and a scratch tensor, each flat and as views."""
+    bufs: list[torch.Tensor]
+    flat_views: list[torch.Tensor]  # each buffer viewed flat
+    saved: torch.Tensor
+    saved_views: list[torch.Tensor]  # `saved` split and shaped like the buffers
+    scratch: torch.Tensor
+    scratch_views: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, bufs: list[torch.Tensor]) -> "_BufferGroup":
+        sizes = [b.numel() for b in bufs]
+        saved = torch.cat([b.detach().reshape(-1) for b in bufs])
+        scratch = torch.empty_like(saved)
+        views = lambda flat: [v.view(b.shape) for v, b in zip(flat.split(sizes), bufs)]  # noqa: E731
+        return cls(bufs, [b.view(-1) for b in bufs], saved, views(saved), scratch, views(scratch))
+
+
 class BufferBackup:
     """Batch norm updates its running statistics (and spectral norm, in the discriminators, its power
     iteration's vectors) during the forward pass, before the finite check can run: a skipped step puts
@@ -205,42 +224,32 @@ class BufferBackup:
     The copies live in one flat tensor per (device, dtype): `save()` is one foreach copy each, and
     `restore_where(skip)` decides on the device (a concatenation, one `where`, one foreach copy), so a
     skip needs no host read. It relies on the buffers being updated in place (as batch norm, spectral
-    norm and load_state_dict do), not replaced. (The model's own buffers stay separate tensors: checkpoints refuse tensors
-    that share storage, and safetensors would not load them.)"""
+    norm and load_state_dict do), not replaced. (The model's own buffers stay separate tensors:
+    checkpoints refuse tensors that share storage, and safetensors would not load them.)"""
 
     def __init__(self, *modules: torch.nn.Module):
-        groups: dict[tuple, list[torch.Tensor]] = {}
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
         for b in (b for m in modules for b in m.buffers()):
-            groups.setdefault((b.device, b.dtype), []).append(b)
-        self.groups = []  # (buffers, their flat views, saved: flat and per buffer, scratch: flat and per buffer)
-        for bufs in groups.values():
-            sizes = [b.numel() for b in bufs]
-            saved = torch.cat([b.detach().reshape(-1) for b in bufs])
-            scratch = torch.empty_like(saved)
-            self.groups.append((bufs, [b.view(-1) for b in bufs], saved, self._views(saved, bufs, sizes), scratch,
-                                self._views(scratch, bufs, sizes)))
-        self._saved_of = {id(b): v for bufs, _, _, saved, _, _ in self.groups for b, v in zip(bufs, saved)}
+            by_kind.setdefault((b.device, b.dtype), []).append(b)
+        self.groups = [_BufferGroup.of(bufs) for bufs in by_kind.values()]
+        self._saved_of = {id(b): v for g in self.groups for b, v in zip(g.bufs, g.saved_views)}
         self._by_name: dict[int, dict[str, torch.Tensor]] = {}
 
-    @staticmethod
-    def _views(flat: torch.Tensor, bufs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
-        return [v.view(b.shape) for v, b in zip(flat.split(sizes), bufs)]
-
     def save(self) -> None:
-        for bufs, _, _, saved, _, _ in self.groups:
-            torch._foreach_copy_(saved, bufs)
+        for g in self.groups:
+            torch._foreach_copy_(g.saved_views, g.bufs)
 
     def restore(self) -> None:
-        for bufs, _, _, saved, _, _ in self.groups:
-            torch._foreach_copy_(bufs, saved)
+        for g in self.groups:
+            torch._foreach_copy_(g.bufs, g.saved_views)
 
     def restore_where(self, skip: torch.Tensor) -> None:
         """restore() where the 0-d bool tensor `skip` is true; nothing changes where it is false. Three ops
         per group, all into tensors made once (the buffers' views stay valid: they are updated in place)."""
-        for bufs, flat_views, saved, _, scratch, scratch_views in self.groups:
-            torch.cat(flat_views, out=scratch)
-            torch.where(skip, saved, scratch, out=scratch)
-            torch._foreach_copy_(bufs, scratch_views)
+        for g in self.groups:
+            torch.cat(g.flat_views, out=g.scratch)
+            torch.where(skip, g.saved, g.scratch, out=g.scratch)
+            torch._foreach_copy_(g.bufs, g.scratch_views)
 
     def saved_by_name(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """{state-dict name: the saved copy} of module's floating-point buffers (the EMA reads these when it
@@ -387,14 +396,14 @@ def build_model(cfg: Config, arch: ModelConfig, device, fresh: bool) -> NStageVA
     return model
 
 
-def make_adam(params, device, is_ds: bool, lr: float, betas, weight_decay: float = 0.0) -> torch.optim.Adam:
+def make_adam(params, is_ds: bool, lr: float, betas, weight_decay: float = 0.0) -> torch.optim.Adam:
     # Fused Adam (one kernel for all parameters, on GPUs and on CPU) everywhere but DeepSpeed, which wraps
     # the optimizer in its own: the trainer's step masks it with `found_inf` to skip on the device.
     fused = {} if is_ds else {"fused": True}
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
 
 
-def build_discriminators(cfg: Config, device, fresh: bool):
+def build_discriminators(cfg: Config, fresh: bool):
     """The adversarial stages' discriminators and their Adam (constant adv.lr), or (None, None). Never under
     DeepSpeed: setup() refuses that first (ADV_DEEPSPEED_ERROR)."""
     if not cfg.adv.stages:
@@ -410,7 +419,7 @@ def build_discriminators(cfg: Config, device, fresh: bool):
         disc.load_state_dict(loaded.state_dict())
     if cfg.train.channels_last:
         disc = disc.to(memory_format=torch.channels_last)
-    return disc, make_adam(disc.parameters(), device, False, cfg.adv.lr, cfg.adv.betas)
+    return disc, make_adam(disc.parameters(), False, cfg.adv.lr, cfg.adv.betas)
 
 
 def patch_deepspeed_config(cfg: Config, accelerator) -> None:
@@ -441,9 +450,8 @@ def setup(cfg: Config) -> Setup:
         cfg.train.sync_free = False
     arch = cfg.model.architecture()
     model = build_model(cfg, arch, accelerator.device, fresh=resume_state is None)
-    optimizer = make_adam(model.parameters(), accelerator.device, is_ds, lr_at(0, cfg), cfg.train.betas,
-                          cfg.train.weight_decay)
-    disc, d_optimizer = build_discriminators(cfg, accelerator.device, fresh=resume_state is None)
+    optimizer = make_adam(model.parameters(), is_ds, lr_at(0, cfg), cfg.train.betas, cfg.train.weight_decay)
+    disc, d_optimizer = build_discriminators(cfg, fresh=resume_state is None)
     loss_fn = nstage_loss
     if cfg.train.compile:
         model = torch.compile(model, mode=cfg.train.compile_mode)
@@ -455,6 +463,7 @@ def setup(cfg: Config) -> Setup:
     else:  # one call, this order: checkpoints hold the VAE as model.safetensors, the discriminators as model_1
         model, optimizer, disc, d_optimizer = accelerator.prepare(model, optimizer, disc, d_optimizer)
     module = accelerator.unwrap_model(model)
+    disc_module = accelerator.unwrap_model(disc) if disc is not None else None
     ema = None
     if cfg.train.ema_decay > 0:  # after prepare: on the device, from the weights as placed
         with full_params(model, is_ds):
@@ -463,7 +472,8 @@ def setup(cfg: Config) -> Setup:
     # no accelerate scheduler wrapper (which steps num_processes times per call).
     rank, world = accelerator.process_index, accelerator.num_processes
     s = Setup(
-        cfg=cfg, accelerator=accelerator, arch=arch, model=model, module=module, loss_fn=loss_fn, optimizer=optimizer, ema=ema,
+        cfg=cfg, accelerator=accelerator, arch=arch, model=model, module=module, loss_fn=loss_fn,
+        optimizer=optimizer, ema=ema,
         train_stream=build_stream(cfg, cfg.data.train_split, rank, world, train=True),
         val_stream=build_stream(cfg, cfg.data.val_split, rank, world, train=False), batches=None,
         log=None, stop=stop, run_dir=cfg.run.dir, config_yaml=config_yaml,
@@ -473,9 +483,8 @@ def setup(cfg: Config) -> Setup:
         # Every rank's stream yields exactly batch_size rows (asserted per micro-batch), so one optimizer
         # step sees this many images: the invariant the LR and the logs rely on.
         global_batch=cfg.train.batch_size * cfg.train.grad_accum * world,
-        buffers=BufferBackup(module, *([accelerator.unwrap_model(disc)] if disc is not None else [])),
-        disc=disc, disc_module=accelerator.unwrap_model(disc) if disc is not None else None,
-        d_optimizer=d_optimizer)
+        buffers=BufferBackup(*(m for m in (module, disc_module) if m is not None)),
+        disc=disc, disc_module=disc_module, d_optimizer=d_optimizer)
     if resume_state is not None:
         resume(s, resume_path, resume_state)
     s.batches = Prefetcher(s.train_stream, accelerator.device, s.compute_dtype, cfg.train.channels_last)
@@ -648,7 +657,7 @@ def _queue_step(s: Setup, prev: Pending | None) -> tuple[StepOut | None, Pending
     overflow: the norms are of the reduced gradients, so every rank decides alike); buffers put back
     where skipped; the GradScaler's update (it backs off after an overflow); this step's numbers sent
     to the host."""
-    cfg, c = s.cfg, s.counters
+    c = s.counters
     done = c.step + (prev is not None)
     restore_scale = _inject_overflow(s, done)
     adv = s.adv_active()  # exact: advance() reads a pending step first while the discriminators are off
@@ -663,9 +672,7 @@ def _queue_step(s: Setup, prev: Pending | None) -> tuple[StepOut | None, Pending
     reduced = _reduced(s, bad_local, terms)
     skip = (reduced[0] > 0) | ~torch.isfinite(norms).all()  # 0-d, as GradScaler's found_inf
     prev_out = _resolve(s, prev, ema_from_backup=True) if prev is not None else None
-    lr = lr_at(c.updates, cfg)
-    for group in s.optimizer.param_groups:
-        group["lr"] = lr
+    _set_lr(s)  # of the count that reading `prev` completed
     found_inf = skip.float()
     if adv:
         _masked_step(s.d_optimizer, found_inf)
@@ -697,32 +704,39 @@ def _resolve(s: Setup, p: Pending, ema_from_backup: bool) -> StepOut:
                   overflow=not bad and s.scaler is not None and not all(math.isfinite(v) for v in norms),
                   stop=bool(got[1]), timed_out=bool(got[2]),
                   loss_scale=got[k + n] if s.scaler is not None else None)
-    s.counters.step = p.step
-    if _count(s, out) and s.ema is not None:
-        s.ema.update(s.module, s.counters.updates, s.buffers.saved_by_name(s.module) if ema_from_backup else None)
+    _account(s, out, s.buffers.saved_by_name(s.module) if ema_from_backup else None)
     return out
 
 
-def _count(s: Setup, out: StepOut) -> bool:
-    """Apply a step's outcome to the counters and copy them into `out`; True when the step was applied."""
+def _account(s: Setup, out: StepOut, ema_replace: dict[str, torch.Tensor] | None = None) -> None:
+    """Apply a read step's outcome: the counters (copied into `out`), and the EMA when it was applied
+    (`ema_replace`: see EMA.update)."""
     c = s.counters
+    c.step = out.step
     applied = not (out.skipped or out.overflow)
     if applied:  # the LR schedule and the EMA warm-up follow this count
         c.updates += 1
     c.bad_streak = c.bad_streak + 1 if out.skipped else 0  # an overflow is not a bad step
     c.overflow_streak = c.overflow_streak + 1 if out.overflow else 0
     out.updates, out.bad_streak, out.overflow_streak = c.updates, c.bad_streak, c.overflow_streak
-    return applied
+    if applied and s.ema is not None:
+        with full_params(s.model, s.is_ds):  # ZeRO-3 gathers the parameters; elsewhere a no-op
+            s.ema.update(s.module, c.updates, ema_replace)
+
+
+def _set_lr(s: Setup) -> None:
+    """The VAE's learning rate for the next update: a pure function of the applied-update count."""
+    lr = lr_at(s.counters.updates, s.cfg)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _deepspeed_step(s: Setup) -> StepOut:
     """One optimizer step under DeepSpeed, decided on the host: the engine steps inside backward, so a
     non-finite loss on any rank has already skipped the backward on every rank (see _micro_batches), and
     the engine's own loss scaler reports an fp16 overflow only after its step."""
-    cfg, acc, c = s.cfg, s.accelerator, s.counters
-    lr = lr_at(c.updates, cfg)
-    for group in s.optimizer.param_groups:
-        group["lr"] = lr
+    acc, c = s.accelerator, s.counters
+    _set_lr(s)
     s.buffers.save()
     names, terms = _micro_batches(s, False, c.step)
     got = _reduced(s, ~torch.isfinite(terms[0]), terms).tolist()  # the one host sync
@@ -736,10 +750,7 @@ def _deepspeed_step(s: Setup) -> StepOut:
     gn = s.model.get_global_grad_norm() if hasattr(s.model, "get_global_grad_norm") else None
     out = StepOut(step=c.step + 1, terms=dict(zip(names, got[3:])), grad_norm=float(gn) if gn is not None else math.nan,
                   d_grad_norm=None, skipped=bad, overflow=overflow, stop=bool(got[1]), timed_out=bool(got[2]))
-    c.step += 1
-    if _count(s, out) and s.ema is not None:
-        with full_params(s.model, s.is_ds):
-            s.ema.update(s.module, c.updates)
+    _account(s, out)
     return out
 
 
@@ -753,10 +764,10 @@ def train_step(s: Setup) -> StepOut:
     return _resolve(s, p, ema_from_backup=False)
 
 
-def _due(s: Setup, step: int) -> bool:
-    """Whether `step` ends with work that needs its weights (evaluation, samples, checkpoint, the end)."""
-    t = s.cfg.train
-    return step >= t.max_steps or any(step % every == 0 for every in (t.eval_every, t.sample_every, t.ckpt_every))
+def _work_due(t, step: int) -> tuple[bool, bool, bool]:
+    """(evaluation, samples, checkpoint) due after `step` by their intervals (t: the train config); the
+    last step's evaluation, samples and final checkpoint come on top (Periodic, finish)."""
+    return step % t.eval_every == 0, step % t.sample_every == 0, step % t.ckpt_every == 0
 
 
 def advance(s: Setup) -> list[StepOut]:
@@ -777,7 +788,7 @@ def advance(s: Setup) -> list[StepOut]:
     prev_out, p = _queue_step(s, s.pending)
     s.pending = None
     outs += [prev_out] if prev_out is not None else []
-    if _due(s, p.step):
+    if p.step >= s.cfg.train.max_steps or any(_work_due(s.cfg.train, p.step)):  # it needs this step's weights
         outs.append(_resolve(s, p, ema_from_backup=False))
     else:
         s.pending = p
@@ -847,12 +858,13 @@ class Periodic:
         if last:
             progress.close()
             s.accelerator.print(f"[nstage-vae] step {step}: last step; evaluating, sampling, then checkpoint and export")
-        if step % t.eval_every == 0 or last:
+        eval_due, samples_due, ckpt_due = _work_due(t, step)  # advance() reads these steps at once
+        if eval_due or last:
             s.log.write({"step": step, **evaluate(s.model, s.val_stream, s.cfg, s.accelerator, s.compute_dtype)})
             s.model.train()
-        if (step % t.sample_every == 0 or last) and s.accelerator.is_main_process:
+        if (samples_due or last) and s.accelerator.is_main_process:
             save_samples(s.ema, s.module, s.arch, s.cfg, s.run_dir, step)
-        if step % t.ckpt_every == 0 and not last and not (out.stop or out.timed_out):
+        if ckpt_due and not last and not (out.stop or out.timed_out):
             save(s)
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import (GLOBAL_BATCH, Launch, assert_optimizer_states_equal, assert_rows_equal, assert_steps_once,
-                           assert_tensors_equal, checkpoints, ok, optimizer_state, shared_run, tensors, train,
-                           train_rows)
+from train_helpers import (GLOBAL_BATCH, Launch, assert_checkpoints_equal, assert_rows_equal, assert_steps_once,
+                           assert_tensors_equal, checkpoints, ok, shared_run, tensors, train, train_rows)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -37,10 +36,7 @@ def assert_runs_bitwise_equal(a: Path, b: Path, *, models=("model.safetensors", 
     assert ckpts, f"no checkpoint in common: {checkpoints(a)} vs {checkpoints(b)}"
     for name in ckpts:
         ca, cb = a / "checkpoints" / name, b / "checkpoints" / name
-        for f in models:
-            assert_tensors_equal(tensors(ca / f), tensors(cb / f))
-        for f in optimizers:
-            assert_optimizer_states_equal(optimizer_state(ca / f), optimizer_state(cb / f))
+        assert_checkpoints_equal(ca, cb, models, optimizers)
         state = lambda c: json.loads((c / "trainer_state.json").read_text())  # noqa: E731
         assert state(ca) == state(cb), name
     if export:

@@ -163,6 +163,15 @@ def assert_tensors_equal(a: dict, b: dict) -> None:
     assert not diff, f"{len(diff)} of {len(a)} tensors differ, e.g. {diff[:3]}"
 
 
+def assert_checkpoints_equal(a: Path, b: Path, models=("model.safetensors", "ema.safetensors"),
+                             optimizers=("optimizer.bin",)) -> None:
+    """Two checkpoint directories hold bitwise-equal weights (`models`) and optimizer states (`optimizers`)."""
+    for f in models:
+        assert_tensors_equal(tensors(Path(a) / f), tensors(Path(b) / f))
+    for f in optimizers:
+        assert_optimizer_states_equal(optimizer_state(Path(a) / f), optimizer_state(Path(b) / f))
+
+
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
