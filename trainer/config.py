@@ -83,6 +83,11 @@ class TrainConfig:
     # never waits for the GPU between steps; logs and stop requests then take effect a step later. Not
     # under DeepSpeed. See trainer/loop.py advance().
     sync_free: bool = False
+    # Capture the step's two device-only parts (forward, losses, backward, finite check, clip; then the
+    # masked optimizer steps) as CUDA graphs after a few eager steps, and replay them: no kernel launches
+    # from Python. One CUDA process, bf16 or fp32, not DeepSpeed. On CPU the parts run uncaptured over the
+    # same static buffers. See trainer/step_graph.py.
+    cuda_graph: bool = False
     init_from: str = ""  # an export directory to start from (fine-tuning); ignored when resuming
     max_bad_steps: int = 5  # abort after this many consecutive non-finite steps
     export_weights: str = "ema"  # ema | raw: what the end-of-run export holds
@@ -143,6 +148,12 @@ class Config:
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if t.compile_mode not in modes:
             raise ValueError(f"train.compile_mode: must be one of {', '.join(modes)}, got {t.compile_mode!r}")
+        if t.cuda_graph and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"train.cuda_graph: train.compile_mode={t.compile_mode} captures CUDA graphs of its own; "
+                             f"use compile_mode=default or max-autotune-no-cudagraphs with train.cuda_graph")
+        if t.cuda_graph and t.inject_nan.endswith(":d_loss"):
+            raise ValueError("train.inject_nan=STEP:RANK:d_loss is decided in Python inside the captured step; "
+                             "with train.cuda_graph inject into the input (STEP:RANK)")
         if t.export_weights not in ("ema", "raw"):
             raise ValueError(f"train.export_weights: must be 'ema' or 'raw', got {t.export_weights!r}")
         if t.export_weights == "ema" and t.ema_decay == 0:

@@ -17,7 +17,9 @@ batch-norm buffers are put back with a `where`. The host then reads the step's n
 terms, grad norms) once: at once by default, or, with `train.sync_free`, one step late, while the next
 step's forward and backward are queued, so that it never waits for the GPU between steps. Both modes run
 the same operations in the same order (see advance()). DeepSpeed steps inside backward and decides on the
-host (_deepspeed_step).
+host (_deepspeed_step). With `train.cuda_graph` the step's two device-only parts (forward to skip flag,
+then the masked update) are captured as CUDA graphs after a few eager steps and replayed
+(trainer/step_graph.py).
 
 Adversarial stages (`adv.stages`, from update `adv.start` on). Each iteration, in this order: the VAE's
 forward; its losses, the generator terms judged by the discriminators with their weights frozen
@@ -40,6 +42,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -54,6 +57,7 @@ from .ema import EMA, full_params
 from .export import manifest_sha256, write_export
 from .images import stage_grid
 from .runlog import MetricsLog, run_info, write_status
+from .step_graph import StepGraph
 
 EXIT_OK = 0
 ADV_DEEPSPEED_ERROR = (
@@ -300,6 +304,7 @@ class Setup:
     disc_module: StageDiscriminators | None = None  # the same module unwrapped: the generator's frozen view
     d_optimizer: object = None
     pending: Pending | None = None  # train.sync_free: the step queued and not yet read (see advance())
+    graph: StepGraph | None = None  # train.cuda_graph: the step's parts, captured (trainer/step_graph.py)
 
     def adv_active(self) -> bool:
         """The generator term and the discriminators' training are on from update adv.start."""
@@ -330,11 +335,13 @@ class Setup:
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs
 
     # On CPU, gloo; without cpu=True so that DeepSpeed runs there too.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_USE_DEEPSPEED" in os.environ
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    if cfg.train.cuda_graph:  # PyTorch's rule for autocast inside a CUDA graph capture
+        kwargs.append(AutocastKwargs(cache_enabled=False))
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=kwargs)
     world = accelerator.num_processes
     dist_world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -439,6 +446,7 @@ def setup(cfg: Config) -> Setup:
     is_ds = accelerator.distributed_type.name == "DEEPSPEED"
     if is_ds and cfg.adv.stages:  # before anything is written into run.dir
         raise ValueError(ADV_DEEPSPEED_ERROR)
+    check_cuda_graph(cfg, accelerator, is_ds)
     resume_path, resume_state, config_yaml = prepare_run_dir(cfg, accelerator)
     stop = StopRequest(cfg.run.dir)
     if cfg.train.channels_last and is_ds:
@@ -487,6 +495,11 @@ def setup(cfg: Config) -> Setup:
         disc=disc, disc_module=disc_module, d_optimizer=d_optimizer)
     if resume_state is not None:
         resume(s, resume_path, resume_state)
+    if cfg.train.cuda_graph:  # after resume: load_state_dict brings the saved param groups back
+        make_capturable(s.optimizer, lr_tensor=True)
+        if d_optimizer is not None:
+            make_capturable(d_optimizer, lr_tensor=False)  # adv.lr is constant: the captured value stays right
+        s.graph = StepGraph(accelerator.device)
     s.batches = Prefetcher(s.train_stream, accelerator.device, s.compute_dtype, cfg.train.channels_last)
     s.log = MetricsLog(s.run_dir, accelerator.is_main_process, cfg.run.tensorboard,
                        s.counters.step if resume_state else None)
@@ -494,6 +507,34 @@ def setup(cfg: Config) -> Setup:
     if accelerator.is_main_process:
         ckpt_lib.write_json(os.path.join(s.run_dir, "run.json"), {**info, "resumed_from": resume_path})
     return s
+
+
+def check_cuda_graph(cfg: Config, accelerator, is_ds: bool) -> None:
+    """train.cuda_graph's limits, refused at start-up with what to do; on CPU it says what it does there."""
+    if not cfg.train.cuda_graph:
+        return
+    world = accelerator.num_processes
+    why = ("DeepSpeed steps inside backward" if is_ds else
+           f"{world} processes: the graphs hold one process's step, not DDP's all-reduce" if world > 1 else
+           "fp16's GradScaler decides its scale on the host" if accelerator.mixed_precision == "fp16" else None)
+    if why:
+        raise ValueError(f"train.cuda_graph=true needs one CUDA process in bf16 or fp32 without DeepSpeed ({why}); "
+                         f"run without train.cuda_graph")
+    if accelerator.device.type != "cuda":
+        accelerator.print("[nstage-vae] train.cuda_graph: no CUDA device; the step's parts run uncaptured over "
+                          "the same static buffers")
+
+
+def make_capturable(optimizer, lr_tensor: bool) -> None:
+    """Adam's capturable mode (its step refuses a capture without it) and, with `lr_tensor`, the LR as a
+    tensor on the parameters' device: a captured step reads it there each replay, where a float would be
+    frozen into the graph (_set_lr fills it)."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        if lr_tensor and not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), device=group["params"][0].device)
+        elif isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].to(group["params"][0].device)
 
 
 def resume(s: Setup, path: str, state: dict) -> None:
@@ -565,25 +606,38 @@ def _nan_injected(cfg: Config, step: int, rank: int, target: str = "input") -> b
     return step + 1 >= int(nan_step) and rank == int(nan_rank) and (rest[0] if rest else "input") == target
 
 
-def _micro_batches(s: Setup, adv: bool, done: int) -> tuple[list[str], torch.Tensor]:
-    """Forward, loss and backward of each micro-batch of the step after `done` steps (with the
-    discriminators' when `adv`); returns the term names and their mean on the device."""
+def _step_inputs(s: Setup, done: int) -> list[torch.Tensor]:
+    """What the step after `done` steps reads from outside the device's work: each micro-batch's input and
+    noise, then [stop requested, timed out] (reduced with the finite check). With train.cuda_graph these
+    are copied into the captured step's static inputs."""
+    cfg, inputs = s.cfg, []
+    for micro in range(cfg.train.grad_accum):
+        x = s.batches.take()
+        assert x.shape[0] == cfg.train.batch_size, f"rank {s.rank} got a batch of {x.shape[0]}"
+        if _nan_injected(cfg, done, s.rank):
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+        inputs += [x, global_eps(cfg, done, micro, s.rank, s.world, x.shape[0], s.device)]
+    timed_out = cfg.train.max_time > 0 and time.time() - s.t_start >= cfg.train.max_time
+    host = torch.tensor([float(s.stop.requested()), float(timed_out)])
+    if s.device.type == "cuda":
+        host = host.pin_memory()
+    return inputs + [host.to(s.device, non_blocking=True)]  # from pinned memory: no wait for the device
+
+
+def _micro_batches(s: Setup, adv: bool, inputs: list[torch.Tensor],
+                   nan_d: bool = False) -> tuple[list[str], torch.Tensor]:
+    """Forward, loss and backward of each micro-batch (inputs: _step_inputs'; with the discriminators'
+    when `adv`); returns the term names and their mean on the device."""
     cfg, acc = s.cfg, s.accelerator
     total, names = None, None
     models = (s.model, s.disc) if s.disc is not None else (s.model,)
-    for micro in range(cfg.train.grad_accum):
+    for x, eps in zip(inputs[0:-1:2], inputs[1:-1:2]):
         with acc.accumulate(*models):
-            x = s.batches.take()
-            assert x.shape[0] == cfg.train.batch_size, f"rank {s.rank} got a batch of {x.shape[0]}"
-            if _nan_injected(cfg, done, s.rank):
-                x = x.clone()
-                x[0, 0, 0, 0] = float("nan")
-            eps = global_eps(cfg, done, micro, s.rank, s.world, x.shape[0], s.device)
             loss, terms, out = forward_loss(s.model, x, eps, s.arch, acc, s.loss_fn)
             d_loss = None
             if adv:
-                g_loss, d_loss, adv_terms = adversarial_losses(s, x, out["images"],
-                                                               _nan_injected(cfg, done, s.rank, "d_loss"))
+                g_loss, d_loss, adv_terms = adversarial_losses(s, x, out["images"], nan_d)
                 loss = loss + g_loss
                 terms = {**terms, **adv_terms}
             # DeepSpeed steps inside backward, so there a non-finite loss on any rank skips the
@@ -592,7 +646,6 @@ def _micro_batches(s: Setup, adv: bool, done: int) -> tuple[list[str], torch.Ten
                 loss = torch.full_like(loss, float("nan"))
             else:
                 acc.backward(loss if d_loss is None else loss + d_loss)  # one backward for both models
-            s.batches.fetch()  # the next input, while the backward runs
             names = ["loss", *terms]
             vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
             total = vals if total is None else total + vals
@@ -609,16 +662,11 @@ def _inject_overflow(s: Setup, done: int) -> float | None:
     return scale * s.scaler.get_backoff_factor()
 
 
-def _reduced(s: Setup, bad_local: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+def _reduced(s: Setup, bad_local: torch.Tensor, flags: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
     """[non-finite, stop requested, timed out, *terms] over the ranks in one all-reduce (a sum): each flag is
     > 0 when it is set on some rank, and the terms become their mean over the ranks (NaN on any rank stays
-    NaN), so logging needs no collective of its own. The host's two flags reach the device from pinned
-    memory without waiting for it."""
-    timed_out = s.cfg.train.max_time > 0 and time.time() - s.t_start >= s.cfg.train.max_time
-    host = torch.tensor([float(s.stop.requested()), float(timed_out)])
-    if s.device.type == "cuda":
-        host = host.pin_memory()
-    t = torch.cat([bad_local.float().reshape(1), host.to(s.device, non_blocking=True), terms])
+    NaN), so logging needs no collective of its own. `flags`: the host's two, on the device."""
+    t = torch.cat([bad_local.float().reshape(1), flags, terms])
     if s.world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t = torch.cat([t[:3], t[3:] / s.world])
@@ -651,33 +699,32 @@ def _queue_step(s: Setup, prev: Pending | None) -> tuple[StepOut | None, Pending
     nothing from it. `prev`, the step queued before and not yet read, is read once this step's forward
     and backward are queued (the device has finished it by then) and returned, its counters applied.
 
-    Order: buffers saved; micro-batches (forward, loss, backward); the finite check and the stop flags
-    (one all-reduce) and the grad norms (clipped, unscaled under fp16); the previous step read, which
-    sets the LR; both models' fused Adam masked by `skip` (a non-finite loss on any rank, or an fp16
-    overflow: the norms are of the reduced gradients, so every rank decides alike); buffers put back
-    where skipped; the GradScaler's update (it backs off after an overflow); this step's numbers sent
-    to the host."""
+    Order: the inputs (batches, noise, the host's flags); the forward_backward part (buffers saved;
+    micro-batches: forward, loss, backward; the finite check and the stop flags, one all-reduce; the grad
+    norms, clipped, unscaled under fp16); the previous step read, which sets the LR; the update part (both
+    models' fused Adam masked by `skip`, a non-finite loss on any rank or an fp16 overflow: the norms are
+    of the reduced gradients, so every rank decides alike; buffers put back where skipped); the
+    GradScaler's update (it backs off after an overflow); this step's numbers sent to the host. The two
+    parts take tensors and give tensors, with no host read: train.cuda_graph captures and replays them."""
     c = s.counters
     done = c.step + (prev is not None)
     restore_scale = _inject_overflow(s, done)
     adv = s.adv_active()  # exact: advance() reads a pending step first while the discriminators are off
-    s.buffers.save()
-    names, terms = _micro_batches(s, adv, done)
-    bad_local = ~torch.isfinite(terms[0])  # the loss; with the discriminators on, theirs too
-    if adv:
-        bad_local = bad_local | ~torch.isfinite(terms[names.index("d_loss")])
-    norms = grad_norms(s, adv)  # under fp16 of the unscaled gradients: an overflow shows as a non-finite norm
-    if s.scaler is None:
-        bad_local = bad_local | ~torch.isfinite(norms).all()
-    reduced = _reduced(s, bad_local, terms)
-    skip = (reduced[0] > 0) | ~torch.isfinite(norms).all()  # 0-d, as GradScaler's found_inf
+    inputs = _step_inputs(s, done)
+    nan_d = _nan_injected(s.cfg, done, s.rank, "d_loss")  # refused with train.cuda_graph (config.py)
+    if s.graph is not None:
+        s.graph.begin(adv)  # whether the discriminators train: the one thing that changes the captured step
+    (reduced, norms, skip), names = _part(s, "forward_backward", lambda i: _forward_backward(s, adv, i, nan_d),
+                                          inputs)
+    s.batches.fetch()  # the next input, while the device works
     prev_out = _resolve(s, prev, ema_from_backup=True) if prev is not None else None
     _set_lr(s)  # of the count that reading `prev` completed
-    found_inf = skip.float()
-    if adv:
-        _masked_step(s.d_optimizer, found_inf)
-    _masked_step(s.optimizer, found_inf)
-    s.buffers.restore_where(skip)
+    _part(s, "update", lambda i: _update(s, adv, i[0]), [skip])
+    if s.graph is not None:
+        if s.graph.phase == "capture":
+            s.accelerator.print(f"[nstage-vae] train.cuda_graph: step {done + 1} captured"
+                                f"{' with the discriminators' if adv else ''}; the steps after it replay it")
+        s.graph.end()
     scale = []
     if s.scaler is not None:
         s.scaler.update()  # from the found-inf records of the unscale: backs off after an overflow
@@ -686,6 +733,38 @@ def _queue_step(s: Setup, prev: Pending | None) -> tuple[StepOut | None, Pending
         scale = [s.scaler._scale.float().reshape(1).to(s.device)]  # read with the rest, not with get_scale()
     values, ready = _to_host(torch.cat([reduced, norms, *scale]))
     return prev_out, Pending(done + 1, names, adv, values, ready)
+
+
+def _forward_backward(s: Setup, adv: bool, inputs: list[torch.Tensor], nan_d: bool = False):
+    """The step's first device-only part: buffers saved, micro-batches, the finite check with the host's
+    flags (one all-reduce), the grad norms (clipped), the skip flag. Returns ((reduced, norms, skip), names)."""
+    s.buffers.save()
+    names, terms = _micro_batches(s, adv, inputs, nan_d)
+    bad_local = ~torch.isfinite(terms[0])  # the loss; with the discriminators on, theirs too
+    if adv:
+        bad_local = bad_local | ~torch.isfinite(terms[names.index("d_loss")])
+    norms = grad_norms(s, adv)  # under fp16 of the unscaled gradients: an overflow shows as a non-finite norm
+    if s.scaler is None:
+        bad_local = bad_local | ~torch.isfinite(norms).all()
+    reduced = _reduced(s, bad_local, inputs[-1], terms)
+    skip = (reduced[0] > 0) | ~torch.isfinite(norms).all()  # 0-d, as GradScaler's found_inf
+    return (reduced, norms, skip), names
+
+
+def _update(s: Setup, adv: bool, skip: torch.Tensor):
+    """The step's second device-only part: both models' fused Adam masked by `skip`, the buffers put back
+    where skipped."""
+    found_inf = skip.float()
+    if adv:
+        _masked_step(s.d_optimizer, found_inf)
+    _masked_step(s.optimizer, found_inf)
+    s.buffers.restore_where(skip)
+    return (), None
+
+
+def _part(s: Setup, name: str, fn, inputs: list[torch.Tensor]):
+    """Run one device-only part of the step: captured and replayed with train.cuda_graph, else directly."""
+    return s.graph.run(name, fn, inputs) if s.graph is not None else fn(inputs)
 
 
 def _resolve(s: Setup, p: Pending, ema_from_backup: bool) -> StepOut:
@@ -725,10 +804,15 @@ def _account(s: Setup, out: StepOut, ema_replace: dict[str, torch.Tensor] | None
 
 
 def _set_lr(s: Setup) -> None:
-    """The VAE's learning rate for the next update: a pure function of the applied-update count."""
-    lr = lr_at(s.counters.updates, s.cfg)
+    """The VAE's learning rate for the next update: a pure function of the applied-update count. Rounded to
+    float32, the precision in which CUDA's fused Adam reads an LR tensor, so that train.cuda_graph's LR
+    tensor and the float of an uncaptured step are the same number."""
+    lr = float(np.float32(lr_at(s.counters.updates, s.cfg)))
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # train.cuda_graph: the captured optimizer step reads it from this tensor
+        else:
+            group["lr"] = lr
 
 
 def _deepspeed_step(s: Setup) -> StepOut:
@@ -737,9 +821,11 @@ def _deepspeed_step(s: Setup) -> StepOut:
     the engine's own loss scaler reports an fp16 overflow only after its step."""
     acc, c = s.accelerator, s.counters
     _set_lr(s)
+    inputs = _step_inputs(s, c.step)
     s.buffers.save()
-    names, terms = _micro_batches(s, False, c.step)
-    got = _reduced(s, ~torch.isfinite(terms[0]), terms).tolist()  # the one host sync
+    names, terms = _micro_batches(s, False, inputs)
+    s.batches.fetch()
+    got = _reduced(s, ~torch.isfinite(terms[0]), inputs[-1], terms).tolist()  # the one host sync
     bad = bool(got[0])
     if not bad:
         s.optimizer.step()

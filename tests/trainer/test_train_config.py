@@ -255,3 +255,20 @@ def test_adv_presets_are_their_plain_preset_plus_adv(adv_preset, plain_preset):
     assert plain.adv.stages == []
     size = adv.adv_sizes()[2]
     assert adv.disc_config().out_size(size) >= 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.compile=true", "train.compile_mode=reduce-overhead"],
+     "train.cuda_graph: train.compile_mode=reduce-overhead captures CUDA graphs of its own; use "
+     "compile_mode=default or max-autotune-no-cudagraphs with train.cuda_graph"),
+    (["train.compile=true", "train.compile_mode=max-autotune"], "compile_mode=max-autotune captures CUDA graphs"),
+    (["train.inject_nan=3:0:d_loss"], "train.inject_nan=STEP:RANK:d_loss is decided in Python inside the "
+                                      "captured step; with train.cuda_graph inject into the input (STEP:RANK)"),
+])
+def test_cuda_graph_refuses_settings_it_cannot_capture(overrides, message):
+    with pytest.raises(ValueError) as e:
+        load_config("mnist", [*TINY, "train.cuda_graph=true", *overrides])
+    assert message in str(e.value)
+    load_config("mnist", [*TINY, *overrides])  # each is fine without it
+    load_config("mnist", [*TINY, "train.cuda_graph=true", "train.compile=true",
+                          "train.compile_mode=max-autotune-no-cudagraphs", "train.inject_nan=3:0"])

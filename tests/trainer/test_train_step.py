@@ -116,20 +116,6 @@ def test_stop_request_gives_the_signals_back(tmp_path):
 
 
 # ----------------------------------------------------------------------------- one optimizer step
-@pytest.fixture
-def fresh_accelerate(monkeypatch):
-    """Each in-process set-up gets its own accelerate state (a process-wide singleton)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield monkeypatch
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def _setup(tmp_path, *overrides):
     cfg = load_config("mnist", [*TINY, "train.batch_size=8", "run.tensorboard=false", "model.norm=batch",
                                 f"run.dir={tmp_path / 'run'}", *overrides])

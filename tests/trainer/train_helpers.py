@@ -147,9 +147,10 @@ def optimizer_state(path: Path) -> dict:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-def assert_optimizer_states_equal(a: dict, b: dict) -> None:
-    """Equal Adam moments and step counts, and equal param groups but for lr (the trainer sets it each step)."""
-    groups = lambda s: [{k: v for k, v in g.items() if k != "lr"} for g in s["param_groups"]]  # noqa: E731
+def assert_optimizer_states_equal(a: dict, b: dict, ignore_groups=("lr",)) -> None:
+    """Equal Adam moments and step counts, and equal param groups but for `ignore_groups` (by default lr:
+    the trainer sets it each step)."""
+    groups = lambda s: [{k: v for k, v in g.items() if k not in ignore_groups} for g in s["param_groups"]]  # noqa: E731
     assert groups(a) == groups(b)
     assert a["state"].keys() == b["state"].keys()
     diff = [(i, k) for i in a["state"] for k in a["state"][i]
@@ -164,12 +165,12 @@ def assert_tensors_equal(a: dict, b: dict) -> None:
 
 
 def assert_checkpoints_equal(a: Path, b: Path, models=("model.safetensors", "ema.safetensors"),
-                             optimizers=("optimizer.bin",)) -> None:
+                             optimizers=("optimizer.bin",), ignore_groups=("lr",)) -> None:
     """Two checkpoint directories hold bitwise-equal weights (`models`) and optimizer states (`optimizers`)."""
     for f in models:
         assert_tensors_equal(tensors(Path(a) / f), tensors(Path(b) / f))
     for f in optimizers:
-        assert_optimizer_states_equal(optimizer_state(Path(a) / f), optimizer_state(Path(b) / f))
+        assert_optimizer_states_equal(optimizer_state(Path(a) / f), optimizer_state(Path(b) / f), ignore_groups)
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
