@@ -10,13 +10,16 @@
 #   2. the GPU test suite, `python -m pytest -m gpu tests/gpu -v -rA --durations=15` (about 2-4 minutes):
 #      bf16, fp16 with a real loss-scale overflow, the adversarial refiner in bf16 and fp16, DeepSpeed
 #      ZeRO-1/2/3 (bf16) and exporting a ZeRO-3 checkpoint, torch.compile, SyncBatchNorm, SIGTERM then
-#      resume against uninterrupted runs (it prints the measured run-to-run noise), sampling, evaluation
-#      under accelerate launch, the loop benchmark;
+#      resume against uninterrupted runs (it prints the measured run-to-run noise), train.sync_free and
+#      train.cuda_graph (captured steps: within that noise, a NaN step skipped inside the replay, a second
+#      capture at adv.start, with torch.compile), sampling, evaluation under accelerate launch, the loop
+#      benchmark;
 #      with 2 GPUs also DDP parity, ZeRO-2 on 2 processes and SyncBatchNorm across GPUs (else skipped,
 #      with the reason). Its runs are tiny models on synthetic data, several at a time on the GPU;
 #   3. the training benchmark `python bench/train.py --config celeba128 --batch 32 --device cuda
-#      --mixed-precision bf16 --channels-last --adv --sync-free` (images/s and model FLOP utilisation, ours
-#      with train.sync_free=true beside ours, and the cost of the adversarial refiner per step; about 4 minutes).
+#      --mixed-precision bf16 --channels-last --adv --sync-free --cuda-graph` (images/s and model FLOP
+#      utilisation, ours with train.sync_free=true and with train.cuda_graph=true beside ours, and the cost of
+#      the adversarial refiner per step; about 4 minutes).
 #
 # Exit status: 0 when every test passed (2-GPU tests skipped on one GPU) and the benchmark ran; else
 # non-zero (the suite's status if it failed, else the benchmark's; 124 means a time limit was reached).
@@ -99,7 +102,7 @@ step "GPU tests" timeout -k 30 "$TEST_TIMEOUT" \
 tests_rc=$?
 
 step "training benchmark" timeout -k 15 "$BENCH_TIMEOUT" "$PYTHON" bench/train.py --config celeba128 --batch 32 \
-    --device cuda --mixed-precision bf16 --channels-last --adv --sync-free ${GPU_CHECK_BENCH_ARGS:-}
+    --device cuda --mixed-precision bf16 --channels-last --adv --sync-free --cuda-graph ${GPU_CHECK_BENCH_ARGS:-}
 bench_rc=$?
 
 say ""

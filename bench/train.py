@@ -23,6 +23,10 @@ and on CPU); on CUDA all run with cudnn.benchmark on, as the trainer sets it.
   ours sync-free  with `--sync-free`: ours with `train.sync_free=true` (the host reads each step's numbers
                 one step late, so it never waits for the GPU between steps); printed as
                 `sync_free_gain_<mode>=<its images/s / ours'>`.
+  ours cuda-graph  with `--cuda-graph`: ours with `train.cuda_graph=true` (the step captured as CUDA graphs
+                after 3 eager steps and replayed; on CPU uncaptured); printed as
+                `cuda_graph_gain_<mode>=<its images/s / ours'>`. Not in a compile mode that captures graphs
+                of its own (reduce-overhead, max-autotune): skipped there, saying why.
   ours + adversarial  with `--adv`: ours on the adversarial preset (`--adv-config`, default the config's
                 `*_msvae_adv` sibling) with `adv.start=0`, so the discriminator trains from the first
                 step; printed as `adv_cost_<mode>=<its time per step / ours'>`. Its MFU is n/a (the
@@ -64,8 +68,11 @@ from trainer.data import SyntheticStream, to_model_input  # noqa: E402
 PAPER_IMAGES = 200_000 * 32  # the paper's CelebA budget: 200k steps at batch 32
 LOOPS = ("handwritten", "plain", "ours")
 LABEL = {"handwritten": "hand-written", "plain": "plain", "ours": "ours", "ours_sync_free": "ours sync-free",
+         "ours_cuda_graph": "ours cuda-graph",
          "ours_adv": "ours + adversarial"}
 SYNC_FREE = "train.sync_free=true"  # the override of the "ours sync-free" loop
+CUDA_GRAPH = "train.cuda_graph=true"  # the override of the "ours cuda-graph" loop
+VARIANTS = {"ours_sync_free": SYNC_FREE, "ours_cuda_graph": CUDA_GRAPH}  # ours with one override each
 ADV_PRESETS = {"mnist": "mnist_msvae_adv", "celeba128": "celeba128_msvae_adv", "photo128_msvae": "photo128_msvae_adv"}
 GIB = 2**30
 HANDWRITTEN_BATCHES = 4  # distinct batches the hand-written loop keeps on the device and cycles through
@@ -285,7 +292,7 @@ def table(rows: list[dict]) -> str:
 def sweep(a, overrides: list[str], mode: str, flops: float, device: str) -> list[dict]:
     """Ours in `mode` at the batch doubled from a.batch until CUDA runs out of memory or a.sweep_max."""
     points, batch = [], a.batch
-    how = " sync-free" if SYNC_FREE in overrides else ""
+    how = "".join(f" {LABEL[v].removeprefix('ours ')}" for v, o in VARIANTS.items() if o in overrides)
     print(f"sweep: ours {mode}{how}, batch {batch} doubling up to {a.sweep_max} or out of memory", flush=True)
     while batch <= a.sweep_max:
         cfg = load_config(a.config, [*overrides, f"train.batch_size={batch}"])
@@ -339,6 +346,7 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="then ours' images/s per batch, doubling until out of memory")
     p.add_argument("--sweep-max", type=int, default=8192, help="largest batch the sweep tries")
     p.add_argument("--sync-free", action="store_true", help=f"also run ours with {SYNC_FREE}")
+    p.add_argument("--cuda-graph", action="store_true", help=f"also run ours with {CUDA_GRAPH}")
     p.add_argument("--adv", action="store_true", help="also run ours on the config's adversarial sibling preset")
     p.add_argument("--adv-config", default="", help="that preset (default: the config's *_msvae_adv)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for trainer/run.py")
@@ -404,8 +412,14 @@ def main() -> int:
             loops.append("ours_adv")  # right after ours in each mode
     if a.sync_free and "ours" in loops:
         loops.append("ours_sync_free")
-    plan = [(loop, mode) for mode in modes for loop in (*LOOPS, "ours_sync_free", "ours_adv")
-            if loop in loops and loop not in skipped and (mode == "eager" or loop != "handwritten")]
+    if a.cuda_graph and "ours" in loops:
+        loops.append("ours_cuda_graph")
+    graph_skip = ("ours_cuda_graph", "compile") if a.compile_mode in ("reduce-overhead", "max-autotune") else None
+    if a.cuda_graph and "compile" in modes and graph_skip:
+        print(f"skipping ours cuda-graph compile: --compile-mode {a.compile_mode} captures CUDA graphs of its own")
+    plan = [(loop, mode) for mode in modes for loop in (*LOOPS, *VARIANTS, "ours_adv")
+            if loop in loops and loop not in skipped and (mode == "eager" or loop != "handwritten")
+            and (loop, mode) != graph_skip]
 
     def ours_overrides(mode: str) -> list[str]:
         compiled = mode == "compile"
@@ -421,8 +435,8 @@ def main() -> int:
             return lambda: plain_loop(cfg, a.steps, a.interval, a.device, dtype, how)
         if loop == "ours_adv":
             ours_cfg = load_config(adv_preset, [*ours_overrides(mode), "adv.start=0"])
-        elif loop == "ours_sync_free":
-            ours_cfg = load_config(a.config, [*ours_overrides(mode), SYNC_FREE])
+        elif loop in VARIANTS:
+            ours_cfg = load_config(a.config, [*ours_overrides(mode), VARIANTS[loop]])
         else:
             ours_cfg = load_config(a.config, ours_overrides(mode))
         return lambda: our_loop(ours_cfg, a.steps, a.interval)
@@ -449,24 +463,27 @@ def main() -> int:
     ips = {(r["loop"], r["mode"]): r["images_per_s"] for r in rows}
     ratio = {m: ips["ours", m] / ips["plain", m] for m in modes if ("ours", m) in ips and ("plain", m) in ips}
     adv_cost = {m: ips["ours", m] / ips["ours_adv", m] for m in modes if ("ours_adv", m) in ips}
-    sync_free_gain = {m: ips["ours_sync_free", m] / ips["ours", m] for m in modes if ("ours_sync_free", m) in ips}
+    gain = {v: {m: ips[v, m] / ips["ours", m] for m in modes if (v, m) in ips and ("ours", m) in ips}
+            for v in VARIANTS}
 
     results = {"config": a.config, "params": params, "batch": a.batch, "device": a.device, "gpu": gpu,
                "precision": a.mixed_precision, "channels_last": a.channels_last, "modes": modes,
                "compile_mode": a.compile_mode, "steps": a.steps, "interval": a.interval, "repeats": a.repeats,
                "torch": torch.__version__, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
                "paper_images": PAPER_IMAGES, "rows": rows, "ratio": ratio, "skipped": skipped, "sweep": None,
-               "adv": adv_preset or None, "adv_cost": adv_cost, "sync_free_gain": sync_free_gain}
+               "adv": adv_preset or None, "adv_cost": adv_cost, "sync_free_gain": gain["ours_sync_free"],
+               "cuda_graph_gain": gain["ours_cuda_graph"]}
     write_json(a.json, results)  # now, so that a sweep that fails keeps these
     if a.sweep and "ours" not in loops:
         print("skipping the sweep: it runs ours, and --loops has no ours")
     elif a.sweep:  # in ours' fastest setting
-        loop, best = max(((x, m) for x in ("ours", "ours_sync_free") for m in modes if (x, m) in ips), key=ips.get)
-        how = [SYNC_FREE] if loop == "ours_sync_free" else []
+        loop, best = max(((x, m) for x in ("ours", *VARIANTS) for m in modes if (x, m) in ips), key=ips.get)
+        how = [VARIANTS[loop]] if loop in VARIANTS else []
         results["sweep"] = sweep(a, [*ours_overrides(best), *how], best, flops, a.device)
         write_json(a.json, results)
-    for m, gain in sync_free_gain.items():
-        print(f"sync_free_gain_{m}={gain:.3f} (images/s of ours sync-free / ours)")
+    for v, by_mode in gain.items():
+        for m, g in by_mode.items():
+            print(f"{v.removeprefix('ours_')}_gain_{m}={g:.3f} (images/s of {LABEL[v]} / ours)")
     for m, cost in adv_cost.items():
         print(f"adv_cost_{m}={cost:.3f} (time per step of ours + adversarial / ours)")
     last = "eager" if "eager" in ratio else next(iter(ratio), None)

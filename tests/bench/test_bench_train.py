@@ -137,15 +137,16 @@ def test_sweep_stops_at_the_first_batch_that_runs_out_of_memory(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_adv_and_sync_free_report_their_rows_beside_ours(tmp_path):
+def test_bench_adv_sync_free_and_cuda_graph_report_their_rows_beside_ours(tmp_path):
     out = tmp_path / "bench.json"
     lines = run_bench(tmp_path, "--steps", "4", "--interval", "2", "--repeats", "1", "--batch", "8", "--loops",
-                      "plain,ours", "--adv", "--sync-free", "--json", str(out), *TINY)
+                      "plain,ours", "--adv", "--sync-free", "--cuda-graph", "--json", str(out), *TINY)
     d = json.loads(out.read_text())
 
     assert d["adv"] == "mnist_msvae_adv"  # the default config's adversarial sibling
     assert [(r["loop"], r["mode"]) for r in d["rows"]] == [("plain", "eager"), ("ours", "eager"),
-                                                           ("ours_sync_free", "eager"), ("ours_adv", "eager")]
+                                                           ("ours_sync_free", "eager"), ("ours_cuda_graph", "eager"),
+                                                           ("ours_adv", "eager")]
     rows = {r["loop"]: r for r in d["rows"]}
     assert rows["ours_adv"]["images_per_s"] > 0 and rows["ours_adv"]["mfu"] is None
     assert rows["ours_sync_free"]["images_per_s"] > 0
@@ -155,6 +156,9 @@ def test_bench_adv_and_sync_free_report_their_rows_beside_ours(tmp_path):
     text = "\n".join(lines)
     assert "| ours + adversarial | eager |" in text and f"adv_cost_eager={d['adv_cost']['eager']:.3f}" in text
     assert "| ours sync-free | eager |" in text and f"sync_free_gain_eager={gain:.3f}" in text
+    graph_gain = d["cuda_graph_gain"]["eager"]
+    assert graph_gain == pytest.approx(rows["ours_cuda_graph"]["images_per_s"] / rows["ours"]["images_per_s"])
+    assert "| ours cuda-graph | eager |" in text and f"cuda_graph_gain_eager={graph_gain:.3f}" in text
     assert lines[-1].startswith("ratio=")  # still the last line scripts read
 
 

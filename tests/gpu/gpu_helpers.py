@@ -58,6 +58,12 @@ OVERFLOW_STEP = 12  # fp16: train.inject_overflow; late enough that the scaler's
 FP16 = [*TINY, f"train.inject_overflow={OVERFLOW_STEP}", "train.warmup_steps=100", "train.max_bad_steps=1"]
 # The adversarial refiner on stage 2 from the first update: a tiny spectral-norm PatchGAN beside TINY.
 ADV = ["adv.stages=[2]", "adv.width=8", "adv.num_layers=2", "adv.start=0", "adv.feature_matching=1.0"]
+CUDA_GRAPH = "train.cuda_graph=true"
+# NaN in the input from step GRAPH_NAN_STEP (after the capture at step 4), 3 bad steps allowed: the run aborts
+# at GRAPH_NAN_STEP + 2; a checkpoint every step.
+GRAPH_NAN_STEP = 8
+GRAPH_NAN = [f"train.inject_nan={GRAPH_NAN_STEP}:0", "train.max_bad_steps=3", "train.ckpt_every=1",
+             "train.keep_ckpts=20"]
 
 
 def precision(p: str) -> str:
@@ -357,6 +363,11 @@ RUNS: dict[str, Spec] = {
     "bf16": Spec(lambda d: train(d / "run", LONG)),
     "bf16_again": Spec(lambda d: train(d / "run", LONG)),
     "bf16_sync_free": Spec(lambda d: train(d / "run", [*LONG, "train.sync_free=true"])),
+    "bf16_cuda_graph": Spec(lambda d: train(d / "run", [*LONG, CUDA_GRAPH])),
+    "bf16_cuda_graph_sync_free": Spec(lambda d: train(d / "run", [*LONG, CUDA_GRAPH, "train.sync_free=true"])),
+    "cuda_graph_nan": Spec(lambda d: train(d / "run", [*TINY, CUDA_GRAPH, *GRAPH_NAN])),
+    "cuda_graph_adv": Spec(lambda d: train(d / "run", [*TINY, *ADV, "adv.start=5", CUDA_GRAPH])),
+    "cuda_graph_compile": Spec(lambda d: train(d / "run", [*TINY, CUDA_GRAPH, "train.compile=true"], timeout=420)),
     "fp16_overflow": Spec(lambda d: train(d / "run", FP16, mixed_precision="fp16")),
     "fp16_overflow_sync_free": Spec(lambda d: train(d / "run", [*FP16, "train.sync_free=true"], mixed_precision="fp16")),
     "sync_bn": Spec(lambda d: train(d / "run", [*TINY, "model.sync_bn=true"])),
