@@ -121,7 +121,7 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         pool = next((p.graph.pool() for p in self.parts.values() if p.graph is not None), None)
         try:
-            # thread_local: the data loader's and the logger's threads may use CUDA meanwhile
+            # thread_local: only this thread's CUDA calls must be capture-safe, not those of other threads
             with torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
                 outputs, aux = fn(inputs)
         except RuntimeError as e:
