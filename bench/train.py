@@ -41,6 +41,9 @@ over the loop, less what was allocated before it; hours to the paper's 6.4M imag
 `ratio_compile=<ours/plain compiled>` when compiled, and last `ratio=<ours/plain>` (eager when it ran).
 `--json PATH` writes the same numbers. `--sweep` then runs ours in its fastest mode at the batch doubled
 from `--batch` until CUDA runs out of memory (or `--sweep-max`).
+A loop that raises is reported with its traceback, once more as `FAILED: <loop> <mode>: <error>` before
+the ratio lines and under `failed` in the JSON, and is not run again; the other loops still run, and the
+exit status is then 1 (a new setting that breaks on some machine costs its own row, not the table).
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(BENCH), BENCH]  # the repository (models, trainer) and bench/ (handwritten)
@@ -444,9 +448,21 @@ def main() -> int:
     rates = {key: [] for key in plan}
     peaks = {key: None for key in plan}
     elapsed = {key: 0.0 for key in plan}
+    failed: dict[tuple[str, str], str] = {}
     for r in range(a.repeats):
         for loop, mode in plan:
-            got, peak, secs = measure(run_one(loop, mode), a.device)
+            if (loop, mode) in failed:
+                continue
+            try:
+                got, peak, secs = measure(run_one(loop, mode), a.device)
+            except Exception as e:  # noqa: BLE001 - one loop's failure must not cost the others' numbers
+                failed[loop, mode] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                traceback.print_exc()
+                print(f"repeat {r}: {LABEL[loop]} {mode}: FAILED ({failed[loop, mode]}); going on", flush=True)
+                gc.collect()
+                if a.device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             rates[loop, mode] += got
             peaks[loop, mode] = peak if peaks[loop, mode] is None else max(peak, peaks[loop, mode])
             elapsed[loop, mode] += secs
@@ -456,7 +472,7 @@ def main() -> int:
     rows = [{"loop": loop, "mode": mode, **summary(rates[loop, mode], flops if loop != "ours_adv" else None,
                                                    a.peak_tflops, a.device),
              "peak_memory_gib": peaks[loop, mode], "elapsed_s": elapsed[loop, mode],
-             "interval_rates": rates[loop, mode]} for loop, mode in plan]
+             "interval_rates": rates[loop, mode]} for loop, mode in plan if (loop, mode) not in failed]
     print()
     print(table(rows))
     print(flush=True)
@@ -472,7 +488,8 @@ def main() -> int:
                "torch": torch.__version__, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
                "paper_images": PAPER_IMAGES, "rows": rows, "ratio": ratio, "skipped": skipped, "sweep": None,
                "adv": adv_preset or None, "adv_cost": adv_cost, "sync_free_gain": gain["ours_sync_free"],
-               "cuda_graph_gain": gain["ours_cuda_graph"]}
+               "cuda_graph_gain": gain["ours_cuda_graph"],
+               "failed": [{"loop": loop, "mode": mode, "error": e} for (loop, mode), e in failed.items()]}
     write_json(a.json, results)  # now, so that a sweep that fails keeps these
     if a.sweep and "ours" not in loops:
         print("skipping the sweep: it runs ours, and --loops has no ours")
@@ -486,13 +503,15 @@ def main() -> int:
             print(f"{v.removeprefix('ours_')}_gain_{m}={g:.3f} (images/s of {LABEL[v]} / ours)")
     for m, cost in adv_cost.items():
         print(f"adv_cost_{m}={cost:.3f} (time per step of ours + adversarial / ours)")
+    for (loop, mode), e in failed.items():
+        print(f"FAILED: {LABEL[loop]} {mode}: {e}")
     last = "eager" if "eager" in ratio else next(iter(ratio), None)
     for m in ratio:
         if m != last:
             print(f"ratio_{m}={ratio[m]:.3f}")
     if last is not None:
         print(f"ratio={ratio[last]:.3f}")  # the last line, which scripts read: eager's when eager ran
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

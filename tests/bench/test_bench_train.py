@@ -18,12 +18,16 @@ TINY = ["data.synthetic_size=160", "model.latent_dim=16", "model.encoder.channel
         "model.stages.0.channels=[16,8]", "model.stages.1.width=8", "model.stages.1.num_blocks=1"]
 
 
-def run_bench(cwd: Path, *args: str) -> list[str]:
+def bench_process(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ACCELERATE_", "TORCHELASTIC_")) and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    r = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", *args], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(BENCH), "--device", "cpu", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_bench(cwd: Path, *args: str) -> list[str]:
+    r = bench_process(cwd, *args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout.strip().splitlines()
 
@@ -160,6 +164,26 @@ def test_bench_adv_sync_free_and_cuda_graph_report_their_rows_beside_ours(tmp_pa
     assert graph_gain == pytest.approx(rows["ours_cuda_graph"]["images_per_s"] / rows["ours"]["images_per_s"])
     assert "| ours cuda-graph | eager |" in text and f"cuda_graph_gain_eager={graph_gain:.3f}" in text
     assert lines[-1].startswith("ratio=")  # still the last line scripts read
+
+
+@pytest.mark.slow
+def test_a_loop_that_fails_costs_its_row_not_the_table(tmp_path):
+    """The cuda-graph loop refuses the d_loss NaN hook in its config (the other loops ignore the hook on a
+    model without discriminators): its failure is reported, the rest is measured, the exit status is 1."""
+    out = tmp_path / "bench.json"
+    r = bench_process(tmp_path, "--steps", "4", "--interval", "2", "--repeats", "2", "--batch", "8", "--loops",
+                      "plain,ours", "--cuda-graph", "--json", str(out), *TINY, "train.inject_nan=2:0:d_loss")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    error = "ValueError: train.inject_nan=STEP:RANK:d_loss is decided in Python inside the captured step"
+    assert sum(line.startswith("repeat 0: ours cuda-graph eager: FAILED (" + error) for line in lines) == 1
+    assert not any(line.startswith("repeat 1: ours cuda-graph") for line in lines)  # not tried again
+    assert any(line.startswith("FAILED: ours cuda-graph eager: " + error) for line in lines)
+    assert "Traceback" in r.stderr
+    d = json.loads(out.read_text())
+    assert [(x["loop"], x["mode"]) for x in d["rows"]] == [("plain", "eager"), ("ours", "eager")]
+    assert [(x["loop"], x["mode"]) for x in d["failed"]] == [("ours_cuda_graph", "eager")]
+    assert d["cuda_graph_gain"] == {} and lines[-1].startswith("ratio=")
 
 
 def test_bench_adv_needs_a_known_sibling_or_a_preset(tmp_path):
