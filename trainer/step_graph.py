@@ -5,8 +5,8 @@ and no host decision inside:
   forward_backward  save the buffers; each micro-batch's forward, losses and backward; the finite check
                     and the stop flags (one all-reduce); the grad norms (clipped); the skip flag
   update            both models' fused Adam masked by the skip flag; the buffers put back where skipped
-Between them the host reads the previous step (train.sync_free: its EMA must see this step's gradients
-not yet applied) and writes the LR into the optimizer's LR tensor. Around them it copies the batches, the
+Between them the host reads the previous step (train.sync_free: its EMA must run before this step's
+update changes the weights) and writes the LR into the optimizer's LR tensor. Around them it copies the batches, the
 noise and its two flags into the parts' static inputs, and reads the numbers back.
 
 A replay launches the whole part with one call instead of one Python-dispatched kernel at a time, so the
