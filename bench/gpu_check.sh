@@ -17,9 +17,11 @@
 #      with 2 GPUs also DDP parity, ZeRO-2 on 2 processes and SyncBatchNorm across GPUs (else skipped,
 #      with the reason). Its runs are tiny models on synthetic data, several at a time on the GPU;
 #   3. the training benchmark `python bench/train.py --config celeba128 --batch 32 --device cuda
-#      --mixed-precision bf16 --channels-last --adv --sync-free --cuda-graph` (images/s and model FLOP
-#      utilisation, ours with train.sync_free=true and with train.cuda_graph=true beside ours, and the cost of
-#      the adversarial refiner per step; about 4 minutes).
+#      --mixed-precision bf16 --channels-last --sync-free --cuda-graph --shards` (images/s and model FLOP
+#      utilisation of the hand-written, plain and our loops; ours with train.sync_free=true and with
+#      train.cuda_graph=true beside ours; ours on shards it writes, with 8 loader workers, against ours on
+#      the synthetic stream; about 4 minutes). GPU_CHECK_BENCH_ARGS="--adv" adds the adversarial
+#      refiner's cost per step (two more loops, one compiled).
 #
 # Exit status: 0 when every test passed (2-GPU tests skipped on one GPU) and the benchmark ran; else
 # non-zero (the suite's status if it failed, else the benchmark's; 124 means a time limit was reached).
@@ -102,7 +104,7 @@ step "GPU tests" timeout -k 30 "$TEST_TIMEOUT" \
 tests_rc=$?
 
 step "training benchmark" timeout -k 15 "$BENCH_TIMEOUT" "$PYTHON" bench/train.py --config celeba128 --batch 32 \
-    --device cuda --mixed-precision bf16 --channels-last --adv --sync-free --cuda-graph ${GPU_CHECK_BENCH_ARGS:-}
+    --device cuda --mixed-precision bf16 --channels-last --sync-free --cuda-graph --shards ${GPU_CHECK_BENCH_ARGS:-}
 bench_rc=$?
 
 say ""

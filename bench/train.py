@@ -27,6 +27,11 @@ and on CPU); on CUDA all run with cudnn.benchmark on, as the trainer sets it.
                 after 3 eager steps and replayed; on CPU uncaptured), after every other loop; printed as
                 `cuda_graph_gain_<mode>=<its images/s / ours'>`. Not in a compile mode that captures graphs
                 of its own (reduce-overhead, max-autotune): skipped there, saying why.
+  ours shards   with `--shards [DIR]`: ours on real shards instead of the synthetic stream, in the first
+                mode only, with `--shards-workers` loader workers (default 8): DIR, or without one a
+                CelebA-layout fixture written for the run at the model's size (shards/synthetic.py's faces,
+                `shards.write celeba`), one epoch longer than the loop, in 2 shards per worker. Printed
+                as `shards_vs_synthetic_<mode>=<its images/s / ours'>`: whether the data path keeps up.
   ours + adversarial  with `--adv`: ours on the adversarial preset (`--adv-config`, default the config's
                 `*_msvae_adv` sibling) with `adv.start=0`, so the discriminator trains from the first
                 step; printed as `adv_cost_<mode>=<its time per step / ours'>`. Its MFU is n/a (the
@@ -72,7 +77,7 @@ from trainer.data import SyntheticStream, to_model_input  # noqa: E402
 PAPER_IMAGES = 200_000 * 32  # the paper's CelebA budget: 200k steps at batch 32
 LOOPS = ("handwritten", "plain", "ours")
 LABEL = {"handwritten": "hand-written", "plain": "plain", "ours": "ours", "ours_sync_free": "ours sync-free",
-         "ours_cuda_graph": "ours cuda-graph",
+         "ours_cuda_graph": "ours cuda-graph", "ours_shards": "ours shards",
          "ours_adv": "ours + adversarial"}
 SYNC_FREE = "train.sync_free=true"  # the override of the "ours sync-free" loop
 CUDA_GRAPH = "train.cuda_graph=true"  # the override of the "ours cuda-graph" loop
@@ -202,6 +207,26 @@ def handwritten_loop(cfg: Config, steps: int, interval: int, device: str, dtype)
     xs = itertools.cycle([model_input(next(it), cfg, device) for _ in range(HANDWRITTEN_BATCHES)])
     return interval_rates(lambda: handwritten.train_step(model, opt, next(xs), dtype),
                           steps, interval, cfg.train.batch_size, device)
+
+
+def make_shards(root: str, cfg: Config, steps: int, interval: int, workers: int) -> str:
+    """A CelebA-layout fixture written as shards at the model's size, for the "ours shards" loop: enough
+    training images that the loop never starts a second epoch (it would restart the loader's workers),
+    in 2 shards per worker. Returns the shards directory."""
+    from shards.synthetic import CELEBA_FRACTIONS, make_celeba_layout
+    from shards.write import write_celeba
+
+    batch = cfg.train.batch_size
+    n_train = int((steps + 2 * interval) * batch * 1.2) + 2 * workers * batch
+    n = int(n_train / CELEBA_FRACTIONS[0]) + 1
+    t = time.perf_counter()
+    src = make_celeba_layout(os.path.join(root, "src"), n, zip_too=False)
+    out = os.path.join(root, "shards")
+    write_celeba(out, str(src["images"]), partition=str(src["partition"]), size=cfg.model.image_size,
+                 shard_samples=max(1, -(-src["n_train"] // (2 * max(1, workers)))), progress=False)
+    print(f"shards: {n} CelebA-layout images ({src['n_train']} for training) written as {cfg.model.image_size} px "
+          f"shards in {out} in {time.perf_counter() - t:.1f} s", flush=True)
+    return out
 
 
 def _stop_after(run_dir: str, step: int, done: threading.Event) -> None:
@@ -351,6 +376,9 @@ def main() -> int:
     p.add_argument("--sweep-max", type=int, default=8192, help="largest batch the sweep tries")
     p.add_argument("--sync-free", action="store_true", help=f"also run ours with {SYNC_FREE}")
     p.add_argument("--cuda-graph", action="store_true", help=f"also run ours with {CUDA_GRAPH}")
+    p.add_argument("--shards", nargs="?", const="make", default="",
+                   help="also run ours on shards: DIR, or without a value a fixture made for the run")
+    p.add_argument("--shards-workers", type=int, default=8, help="data.num_workers of the shards loop")
     p.add_argument("--adv", action="store_true", help="also run ours on the config's adversarial sibling preset")
     p.add_argument("--adv-config", default="", help="that preset (default: the config's *_msvae_adv)")
     p.add_argument("overrides", nargs="*", help="config overrides, as for trainer/run.py")
@@ -379,6 +407,9 @@ def main() -> int:
         overrides.append(f"train.batch_size={a.batch}")
     cfg = load_config(a.config, overrides)
     a.batch = cfg.train.batch_size
+    if a.shards == "make" and cfg.model.channels != 3:
+        p.error(f"--shards without a directory makes RGB shards; --config {a.config} has model.channels="
+                f"{cfg.model.channels}: give --shards DIR, or the override model.channels=3")
     os.environ["ACCELERATE_MIXED_PRECISION"] = a.mixed_precision
     if cuda:
         os.environ.pop("ACCELERATE_USE_CPU", None)
@@ -418,12 +449,14 @@ def main() -> int:
         loops.append("ours_sync_free")
     if a.cuda_graph and "ours" in loops:
         loops.append("ours_cuda_graph")
+    if a.shards and "ours" in loops:
+        loops.append("ours_shards")
     graph_skip = ("ours_cuda_graph", "compile") if a.compile_mode in ("reduce-overhead", "max-autotune") else None
     if a.cuda_graph and "compile" in modes and graph_skip:
         print(f"skipping ours cuda-graph compile: --compile-mode {a.compile_mode} captures CUDA graphs of its own")
-    plan = [(loop, mode) for mode in modes for loop in (*LOOPS, *VARIANTS, "ours_adv")
+    plan = [(loop, mode) for mode in modes for loop in (*LOOPS, *VARIANTS, "ours_shards", "ours_adv")
             if loop in loops and loop not in skipped and (mode == "eager" or loop != "handwritten")
-            and (loop, mode) != graph_skip]
+            and (loop, mode) != graph_skip and (loop != "ours_shards" or mode == modes[0])]
     # The captured loops last: a CUDA error that outlives its loop would then cost no other row.
     plan.sort(key=lambda key: key[0] == "ours_cuda_graph")
 
@@ -432,6 +465,10 @@ def main() -> int:
         # compile_mode only when asked for, so the default run needs no trainer that knows the key
         how = [f"train.compile_mode={a.compile_mode}"] if compiled and a.compile_mode != "default" else []
         return [*overrides, f"train.compile={compiled}", *how]
+
+    shards_tmp = tempfile.TemporaryDirectory(prefix="bench-shards-") if a.shards == "make" and "ours_shards" in loops \
+        else None
+    shards_dir = make_shards(shards_tmp.name, cfg, a.steps, a.interval, a.shards_workers) if shards_tmp else a.shards
 
     def run_one(loop: str, mode: str):
         if loop == "handwritten":
@@ -443,6 +480,9 @@ def main() -> int:
             ours_cfg = load_config(adv_preset, [*ours_overrides(mode), "adv.start=0"])
         elif loop in VARIANTS:
             ours_cfg = load_config(a.config, [*ours_overrides(mode), VARIANTS[loop]])
+        elif loop == "ours_shards":
+            ours_cfg = load_config(a.config, [*ours_overrides(mode), "data.synthetic=false", f"data.shards={shards_dir}",
+                                              f"data.num_workers={a.shards_workers}"])
         else:
             ours_cfg = load_config(a.config, ours_overrides(mode))
         return lambda: our_loop(ours_cfg, a.steps, a.interval)
@@ -471,6 +511,9 @@ def main() -> int:
             print(f"repeat {r}: {LABEL[loop]} {mode}: {statistics.median(got):.1f} img/s (median of {len(got)} "
                   f"intervals), peak {fmt(peak, '.2f', ' GiB')}, {secs:.1f} s", flush=True)
 
+    if shards_tmp is not None:
+        shards_tmp.cleanup()
+
     rows = [{"loop": loop, "mode": mode, **summary(rates[loop, mode], flops if loop != "ours_adv" else None,
                                                    a.peak_tflops, a.device),
              "peak_memory_gib": peaks[loop, mode], "elapsed_s": elapsed[loop, mode],
@@ -482,7 +525,7 @@ def main() -> int:
     ratio = {m: ips["ours", m] / ips["plain", m] for m in modes if ("ours", m) in ips and ("plain", m) in ips}
     adv_cost = {m: ips["ours", m] / ips["ours_adv", m] for m in modes if ("ours_adv", m) in ips}
     gain = {v: {m: ips[v, m] / ips["ours", m] for m in modes if (v, m) in ips and ("ours", m) in ips}
-            for v in VARIANTS}
+            for v in (*VARIANTS, "ours_shards")}
 
     results = {"config": a.config, "params": params, "batch": a.batch, "device": a.device, "gpu": gpu,
                "precision": a.mixed_precision, "channels_last": a.channels_last, "modes": modes,
@@ -490,7 +533,8 @@ def main() -> int:
                "torch": torch.__version__, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
                "paper_images": PAPER_IMAGES, "rows": rows, "ratio": ratio, "skipped": skipped, "sweep": None,
                "adv": adv_preset or None, "adv_cost": adv_cost, "sync_free_gain": gain["ours_sync_free"],
-               "cuda_graph_gain": gain["ours_cuda_graph"],
+               "cuda_graph_gain": gain["ours_cuda_graph"], "shards_vs_synthetic": gain["ours_shards"],
+               "shards": shards_dir if a.shards else None, "shards_workers": a.shards_workers if a.shards else None,
                "failed": [{"loop": loop, "mode": mode, "error": e} for (loop, mode), e in failed.items()]}
     write_json(a.json, results)  # now, so that a sweep that fails keeps these
     if a.sweep and "ours" not in loops:
@@ -502,7 +546,8 @@ def main() -> int:
         write_json(a.json, results)
     for v, by_mode in gain.items():
         for m, g in by_mode.items():
-            print(f"{v.removeprefix('ours_')}_gain_{m}={g:.3f} (images/s of {LABEL[v]} / ours)")
+            key = "shards_vs_synthetic" if v == "ours_shards" else f"{v.removeprefix('ours_')}_gain"
+            print(f"{key}_{m}={g:.3f} (images/s of {LABEL[v]} / ours)")
     for m, cost in adv_cost.items():
         print(f"adv_cost_{m}={cost:.3f} (time per step of ours + adversarial / ours)")
     for (loop, mode), e in failed.items():

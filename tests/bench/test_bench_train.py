@@ -186,7 +186,38 @@ def test_a_loop_that_fails_costs_its_row_not_the_table(tmp_path):
     assert d["cuda_graph_gain"] == {} and lines[-1].startswith("ratio=")
 
 
+@pytest.mark.slow
+def test_bench_shards_runs_ours_on_a_fixture_it_writes_and_on_a_directory_given(tmp_path):
+    """--shards writes a CelebA-layout fixture at the model's size (3 channels here) and runs ours on it
+    with --shards-workers loader workers; --shards DIR reads DIR (a missing one fails that row only)."""
+    rgb = [*TINY, "model.channels=3"]
+    out = tmp_path / "bench.json"
+    lines = run_bench(tmp_path, "--steps", "4", "--interval", "2", "--repeats", "1", "--batch", "8", "--loops",
+                      "ours", "--shards", "--shards-workers", "2", "--json", str(out), *rgb)
+    d = json.loads(out.read_text())
+    assert [(r["loop"], r["mode"]) for r in d["rows"]] == [("ours", "eager"), ("ours_shards", "eager")]
+    rows = {r["loop"]: r for r in d["rows"]}
+    assert rows["ours_shards"]["images_per_s"] > 0 and d["shards_workers"] == 2
+    ratio = d["shards_vs_synthetic"]["eager"]
+    assert ratio == pytest.approx(rows["ours_shards"]["images_per_s"] / rows["ours"]["images_per_s"])
+    assert any(line.startswith("shards: ") and "written as 28 px shards" in line for line in lines)
+    assert f"shards_vs_synthetic_eager={ratio:.3f}" in "\n".join(lines) and "| ours shards | eager |" in "\n".join(lines)
+    assert not Path(d["shards"]).exists()  # the fixture is removed after the loops
+
+    r = bench_process(tmp_path, "--steps", "4", "--interval", "2", "--repeats", "1", "--batch", "8", "--loops", "ours",
+                      "--shards", str(tmp_path / "no-such-shards"), *rgb)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"FAILED: ours shards eager: FileNotFoundError: {tmp_path / 'no-such-shards' / 'manifest.json'} not found" \
+        in r.stdout
+
+
 def test_bench_adv_needs_a_known_sibling_or_a_preset(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--config", "mnist_vae", "--adv"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--adv-config" in r.stderr
+
+
+def test_bench_shards_fixture_needs_an_rgb_model(tmp_path):
+    r = bench_process(tmp_path, "--config", "mnist", "--shards")
+    assert r.returncode == 2 and "--shards without a directory makes RGB shards; --config mnist has " \
+                                 "model.channels=1: give --shards DIR, or the override model.channels=3" in r.stderr
