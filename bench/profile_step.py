@@ -8,8 +8,9 @@
     python bench/profile_step.py --config celeba128 --batch 32 --device cuda train.cuda_graph=true
 
 It builds the trainer exactly as `trainer/run.py` does (`trainer.loop.setup`, synthetic data), runs
-`--warmup` steps (more than train.cuda_graph's 3 eager ones, so its profile is of replays), then profiles `--steps` calls of `trainer.loop.advance` (one step each; with
-`train.sync_free=true` each reads the step before it) and prints, per step:
+`--warmup` steps (more than train.cuda_graph's 3 eager ones, so its profile is of replays), then profiles
+`--steps` calls of `trainer.loop.advance` (one step each; with `train.sync_free=true` each reads the step
+before it) and prints, per step:
 - wall time, and on a GPU the time its kernels kept the GPU busy (the rest is launch and host overhead);
 - host-device synchronisations (`aten::_local_scalar_dense`: `.item()`/`.tolist()`; `cudaStreamSynchronize`,
   `cudaDeviceSynchronize`; host-to-device copies) and the number of operator calls;

@@ -71,7 +71,7 @@ import torch  # noqa: E402
 
 import handwritten  # noqa: E402
 from models import MODEL_PRESETS, ModelConfig, NStageVAE, nstage_loss  # noqa: E402
-from trainer.config import Config, load_config  # noqa: E402
+from trainer.config import GRAPH_COMPILE_MODES, Config, load_config  # noqa: E402
 from trainer.data import SyntheticStream, to_model_input  # noqa: E402
 
 PAPER_IMAGES = 200_000 * 32  # the paper's CelebA budget: 200k steps at batch 32
@@ -82,6 +82,9 @@ LABEL = {"handwritten": "hand-written", "plain": "plain", "ours": "ours", "ours_
 SYNC_FREE = "train.sync_free=true"  # the override of the "ours sync-free" loop
 CUDA_GRAPH = "train.cuda_graph=true"  # the override of the "ours cuda-graph" loop
 VARIANTS = {"ours_sync_free": SYNC_FREE, "ours_cuda_graph": CUDA_GRAPH}  # ours with one override each
+# The loops compared with ours (their images/s over ours'), and the key each ratio is printed and saved under.
+GAIN_KEYS = {"ours_sync_free": "sync_free_gain", "ours_cuda_graph": "cuda_graph_gain",
+             "ours_shards": "shards_vs_synthetic"}
 ADV_PRESETS = {"mnist": "mnist_msvae_adv", "celeba128": "celeba128_msvae_adv", "photo128_msvae": "photo128_msvae_adv"}
 GIB = 2**30
 HANDWRITTEN_BATCHES = 4  # distinct batches the hand-written loop keeps on the device and cycles through
@@ -443,18 +446,14 @@ def main() -> int:
             p.error(f"--adv-config {adv_preset}: that preset has no adv.stages")
         print(f"adversarial: {adv_preset}, stages {adv_cfg.adv.stages}, discriminator parameters "
               f"{sum(q.numel() for q in adv_disc_params(adv_cfg))}", flush=True)
-        if "ours" in loops:
-            loops.append("ours_adv")  # right after ours in each mode
-    if a.sync_free and "ours" in loops:
-        loops.append("ours_sync_free")
-    if a.cuda_graph and "ours" in loops:
-        loops.append("ours_cuda_graph")
-    if a.shards and "ours" in loops:
-        loops.append("ours_shards")
-    graph_skip = ("ours_cuda_graph", "compile") if a.compile_mode in ("reduce-overhead", "max-autotune") else None
+    extra = {"ours_sync_free": a.sync_free, "ours_cuda_graph": a.cuda_graph, "ours_shards": bool(a.shards),
+             "ours_adv": bool(adv_preset)}  # in this order after ours in each mode
+    if "ours" in loops:
+        loops += [loop for loop, on in extra.items() if on]
+    graph_skip = ("ours_cuda_graph", "compile") if a.compile_mode in GRAPH_COMPILE_MODES else None
     if a.cuda_graph and "compile" in modes and graph_skip:
         print(f"skipping ours cuda-graph compile: --compile-mode {a.compile_mode} captures CUDA graphs of its own")
-    plan = [(loop, mode) for mode in modes for loop in (*LOOPS, *VARIANTS, "ours_shards", "ours_adv")
+    plan = [(loop, mode) for mode in modes for loop in (*LOOPS, *extra)
             if loop in loops and loop not in skipped and (mode == "eager" or loop != "handwritten")
             and (loop, mode) != graph_skip and (loop != "ours_shards" or mode == modes[0])]
     # The captured loops last: a CUDA error that outlives its loop would then cost no other row.
@@ -524,16 +523,15 @@ def main() -> int:
     ips = {(r["loop"], r["mode"]): r["images_per_s"] for r in rows}
     ratio = {m: ips["ours", m] / ips["plain", m] for m in modes if ("ours", m) in ips and ("plain", m) in ips}
     adv_cost = {m: ips["ours", m] / ips["ours_adv", m] for m in modes if ("ours_adv", m) in ips}
-    gain = {v: {m: ips[v, m] / ips["ours", m] for m in modes if (v, m) in ips and ("ours", m) in ips}
-            for v in (*VARIANTS, "ours_shards")}
+    gain = {GAIN_KEYS[v]: {m: ips[v, m] / ips["ours", m] for m in modes if (v, m) in ips and ("ours", m) in ips}
+            for v in GAIN_KEYS}
 
     results = {"config": a.config, "params": params, "batch": a.batch, "device": a.device, "gpu": gpu,
                "precision": a.mixed_precision, "channels_last": a.channels_last, "modes": modes,
                "compile_mode": a.compile_mode, "steps": a.steps, "interval": a.interval, "repeats": a.repeats,
                "torch": torch.__version__, "gflops_per_image": flops / 1e9, "peak_tflops": a.peak_tflops,
                "paper_images": PAPER_IMAGES, "rows": rows, "ratio": ratio, "skipped": skipped, "sweep": None,
-               "adv": adv_preset or None, "adv_cost": adv_cost, "sync_free_gain": gain["ours_sync_free"],
-               "cuda_graph_gain": gain["ours_cuda_graph"], "shards_vs_synthetic": gain["ours_shards"],
+               "adv": adv_preset or None, "adv_cost": adv_cost, **gain,
                "shards": shards_dir if a.shards else None, "shards_workers": a.shards_workers if a.shards else None,
                "failed": [{"loop": loop, "mode": mode, "error": e} for (loop, mode), e in failed.items()]}
     write_json(a.json, results)  # now, so that a sweep that fails keeps these
@@ -544,9 +542,8 @@ def main() -> int:
         how = [VARIANTS[loop]] if loop in VARIANTS else []
         results["sweep"] = sweep(a, [*ours_overrides(best), *how], best, flops, a.device)
         write_json(a.json, results)
-    for v, by_mode in gain.items():
-        for m, g in by_mode.items():
-            key = "shards_vs_synthetic" if v == "ours_shards" else f"{v.removeprefix('ours_')}_gain"
+    for v, key in GAIN_KEYS.items():
+        for m, g in gain[key].items():
             print(f"{key}_{m}={g:.3f} (images/s of {LABEL[v]} / ours)")
     for m, cost in adv_cost.items():
         print(f"adv_cost_{m}={cost:.3f} (time per step of ours + adversarial / ours)")

@@ -23,6 +23,8 @@ from models import MODEL_PRESETS, ModelConfig
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DEFAULT_CONFIG = "mnist"
 DEFAULT_SHARDS = "data/mnist28"
+# torch.compile modes that capture CUDA graphs of their own: they cannot go inside train.cuda_graph's capture.
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -148,7 +150,7 @@ class Config:
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if t.compile_mode not in modes:
             raise ValueError(f"train.compile_mode: must be one of {', '.join(modes)}, got {t.compile_mode!r}")
-        if t.cuda_graph and t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"):
+        if t.cuda_graph and t.compile and t.compile_mode in GRAPH_COMPILE_MODES:
             raise ValueError(f"train.cuda_graph: train.compile_mode={t.compile_mode} captures CUDA graphs of its own; "
                              f"use compile_mode=default or max-autotune-no-cudagraphs with train.cuda_graph")
         if t.cuda_graph and t.inject_nan.endswith(":d_loss"):

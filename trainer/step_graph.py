@@ -6,8 +6,8 @@ and no host decision inside:
                     and the stop flags (one all-reduce); the grad norms (clipped); the skip flag
   update            both models' fused Adam masked by the skip flag; the buffers put back where skipped
 Between them the host reads the previous step (train.sync_free: its EMA must run before this step's
-update changes the weights) and writes the LR into the optimizer's LR tensor. Around them it copies the batches, the
-noise and its two flags into the parts' static inputs, and reads the numbers back.
+update changes the weights) and writes the LR into the optimizer's LR tensor. Around them it copies the
+batches, the noise and its two flags into the parts' static inputs, and reads the numbers back.
 
 A replay launches the whole part with one call instead of one Python-dispatched kernel at a time, so the
 host no longer limits a small-batch step. The Python inside a part runs only while it is captured: a
@@ -74,21 +74,20 @@ class StepGraph:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None  # warm-up and capture stream
         self.key: object = None
         self.warm = 0  # eager steps run under the current key
-        self.parts: dict[str, _Captured] = {}
-        self.captured = False  # every part of the current key is captured
+        self.parts: dict[str, _Captured] = {}  # filled by the capturing step: empty until the key is captured
         self.phase = "warmup"
         self.captures = 0  # steps that captured (a test reads it)
 
     def begin(self, key) -> None:
         if key != self.key:  # the step's structure changed: warm up and capture it anew
-            self.key, self.warm, self.parts, self.captured = key, 0, {}, False
-        self.phase = "replay" if self.captured else ("capture" if self.warm >= self.warmup else "warmup")
+            self.key, self.warm, self.parts = key, 0, {}
+        self.phase = "replay" if self.parts else ("capture" if self.warm >= self.warmup else "warmup")
 
     def end(self) -> None:
         if self.phase == "warmup":
             self.warm += 1
         elif self.phase == "capture":
-            self.captured, self.captures = True, self.captures + 1
+            self.captures += 1
 
     def run(self, name: str, fn: Part, inputs: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], object]:
         if self.phase == "warmup":
